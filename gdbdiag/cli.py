@@ -1,7 +1,40 @@
-"""Command-line entry point (host side)."""
+"""`gdbdiag` — command-line entry point (host side). One module per sub-command."""
+from __future__ import annotations
+
+import argparse
 import sys
 
+from . import __version__
+from .errors import EXIT_TOOL, GdbdiagError
 
-def main(argv=None):
-    print("gdbdiag: not yet wired", file=sys.stderr)
-    return 2
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="gdbdiag",
+        description="Diagnose glibc's sticky single-request resolver stall (bug 30081) "
+                    "live in running processes.")
+    ap.add_argument("--version", action="version", version=f"gdbdiag {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    from .lab import cli as lab_cli
+    from . import replay
+    lab_cli.add_parser(sub)
+    replay.add_parser(sub)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        return args.func(args)
+    except GdbdiagError as e:
+        print(f"gdbdiag: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print("gdbdiag: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

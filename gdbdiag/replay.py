@@ -1,0 +1,128 @@
+"""`gdbdiag replay` — the incident, reproduced on a lab container and explained.
+
+Starts a lab (bullseye + redis as a replica of a dead peer, one AAAA answer lost by
+default), probes GET latency, then prints the stalls next to the DNS-log lines that
+explain them, and tears the lab down whatever happens.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+
+from tabulate import tabulate
+
+from .errors import EXIT_OK, EXIT_TOOL
+from .lab import container
+from .lab.errors import LabError
+from .lab.probe import summarize
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("replay", help="reproduce the incident on a lab container and explain it",
+                       description="Lab up (bullseye, redis replica of keydb-0.keydb, one AAAA "
+                                   "answer lost), probe GET latency, print the stalls and the "
+                                   "DNS log that explains them, tear down.")
+    p.add_argument("--name", default="replay")
+    p.add_argument("--release", choices=sorted(container.rootfs_mod.RELEASES), default="bullseye")
+    p.add_argument("--fault", default="drop-aaaa-once")
+    p.add_argument("--rcode", choices=container.RCODES, default="SERVFAIL")
+    p.add_argument("--seconds", type=float, default=35.0, help="how long to probe (default 35)")
+    p.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
+    p.add_argument("--json", metavar="FILE", help="write probe records, DNS log and stalls here")
+    p.add_argument("--cache", metavar="DIR")
+    p.set_defaults(func=run)
+
+
+def find_stalls(probe: list[dict], slow_ms: float = 1000.0) -> list[dict]:
+    return [r for r in probe if r.get("ms", 0) >= slow_ms]
+
+
+def explain(stall: dict, dns: list[dict]) -> list[dict]:
+    """DNS-log records that fall inside one stall's window."""
+    t0, t1 = stall["t"], stall["t"] + stall["ms"] / 1000.0
+    return [r for r in dns if t0 - 0.05 <= r["t"] <= t1 + 0.05]
+
+
+def _fmt_dns(r: dict, t0: float) -> str:
+    return (f"  +{r['t'] - t0:7.3f}s  {r.get('qtype', '?'):5} {r.get('qname', '?'):48} "
+            f"{r.get('rcode', '-'):9} {r.get('action', '')}"
+            + (f" ({r['reason']})" if r.get("reason") else ""))
+
+
+def run(args) -> int:
+    spec = container.LabSpec(name=args.name, release=args.release, workload="redis",
+                             fault=args.fault, rcode=args.rcode, cache=args.cache)
+    # SIGTERM/SIGHUP take the same way out as Ctrl-C, so the lab is always removed.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda s, f: (_ for _ in ()).throw(KeyboardInterrupt()))
+    lab = None
+    try:
+        print(f"== lab: {args.release}, redis replica of keydb-0.keydb:6379 (a dead peer), "
+              f"DNS answers {args.rcode} for the bare name, fault {args.fault}", flush=True)
+        lab = container.up(spec, log=lambda m: print("   " + m, flush=True))
+        print(f"   redis-server pid {lab.pid} (host), DNS log {lab.dns_log}", flush=True)
+        print(f"== probing GET latency for {args.seconds:.0f} s (each '#' is a request "
+              f"that took >= 1 s)", flush=True)
+        t_start = time.time()
+
+        def emit(rec):
+            if rec["ms"] >= 1000:
+                print(f"   +{rec['t'] - t_start:6.1f}s  GET took {rec['ms'] / 1000:6.2f} s  #",
+                      flush=True)
+
+        probe = lab.probe(args.seconds, 0.1, emit=emit)
+        dns = lab.dns_records()
+        s = summarize(probe)
+        stalls = find_stalls(probe)
+        print(f"== {s['requests']} GETs: {len(stalls)} took >= 1 s (max {s['max_ms'] / 1000:.2f} s), "
+              f"median {s['p50_ms']} ms", flush=True)
+        if stalls:
+            rows = []
+            for st in stalls:
+                window = explain(st, dns)
+                servfail = [r for r in window if r.get("rcode") == args.rcode and
+                            not r.get("qname", "").endswith("cluster.local.")]
+                rows.append([f"+{st['t'] - t_start:.1f}s", f"{st['ms'] / 1000:.2f} s",
+                             len(window), len(servfail),
+                             ", ".join(f"{r['qtype']} {r['qname']}" for r in servfail[:2])])
+            print(tabulate(rows, headers=["GET sent", "latency", "DNS queries in window",
+                                          f"{args.rcode} answers", "error answers for"]))
+        dropped = [r for r in dns if r.get("action") == "dropped"]
+        if dropped:
+            t0 = dropped[0]["t"]
+            print("== DNS log around the lost answer (the first 24 lines from it):")
+            for r in [r for r in dns if r["t"] >= t0 - 0.01][:24]:
+                print(_fmt_dns(r, t0))
+            print(_story(args, dropped[0], dns, stalls))
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"lab": lab.summary(), "probe": probe, "summary": s, "dns": dns},
+                          fh, indent=1)
+        return EXIT_OK
+    except LabError as e:
+        print(f"gdbdiag replay: {e}", file=sys.stderr)
+        return EXIT_TOOL
+    finally:
+        if lab is not None and not args.keep:
+            problems = container.down(lab.name, quiet=True)
+            print(f"== lab {lab.name} removed" + (f" ({'; '.join(problems)})" if problems else ""))
+
+
+def _story(args, drop: dict, dns: list[dict], stalls: list[dict]) -> str:
+    bare = [r for r in dns if r.get("rcode") == args.rcode and r["t"] > drop["t"]
+            and r.get("qtype") == "A"]
+    gaps = [round(b["t"] - a["t"], 1) for a, b in zip(bare, bare[1:])]
+    lines = [f"== what happened: the {drop['qtype']} answer for {drop['qname']} was lost;"
+             " glibc's send_dg timed out waiting for it and switched this thread to",
+             "   single-request mode for good (statp->options |= RES_SNGLKUP). From then on A and"
+             " AAAA go out one after the other,"]
+    if stalls:
+        lines.append(f"   and each {args.rcode} to the A query is followed by a poll() for an "
+                     "AAAA answer that was never asked for:")
+        lines.append(f"   A {args.rcode} answers for the bare name came {gaps[:6]} s apart "
+                     "(the resolver timeout), and redis's replicationCron blocked GETs meanwhile.")
+    else:
+        lines.append("   but this glibc does not wait after an error answer: no stall (fixed build).")
+    return "\n".join(lines)
