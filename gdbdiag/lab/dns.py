@@ -419,40 +419,53 @@ def resolve(request: DNSRecord, config: Config, *, proto: str = "udp") -> tuple[
 
 def log_record(*, t: float, client: str, proto: str, id: int | None, qtype: str | None,
                qname: str | None, rcode: str | None, action: str, reason: str | None,
-               size: int, delay_ms: float = 0.0) -> dict[str, Any]:
+               size: int, delay_ms: float = 0.0, tx: float | None = None,
+               rx: float | None = None) -> dict[str, Any]:
     """One query-log entry (one JSON line in the log).
 
     ``t`` unix time the query arrived; ``client`` ``ip:port``; ``proto`` ``udp``/``tcp``;
     ``id`` DNS id; ``qtype``/``qname`` as asked (qname with its trailing dot); ``rcode``
     the answer's rcode (for a dropped query, the rcode it would have had); ``action``
-    ``answered`` or ``dropped`` (or ``ignored`` for a datagram too short to answer);
+    ``answered`` or ``dropped`` (or ``ignored``: too short to answer, or a response);
     ``reason`` why it was dropped (``drop-aaaa-nth``, ``drop-aaaa-after``,
-    ``drop-aaaa-armed``, ``drop-all``) or ``malformed``, else ``None``; ``size`` bytes
-    sent (0 when nothing was sent); ``delay_ms`` how long the answer was held back.
+    ``drop-aaaa-armed``, ``drop-all``), or ``malformed``/``response``, else ``None``; ``size`` bytes
+    sent (0 when nothing was sent); ``delay_ms`` how long the answer was held back;
+    ``rx`` kernel arrival time of the query datagram (SO_TIMESTAMPNS; for TCP, when it
+    was read; ``t`` is when the server handled it); ``tx`` unix time the answer was handed to the kernel
+    (``None`` when nothing was sent). ``rx``/``tx`` tell serial lookups (the AAAA query
+    arrives after the A answer left) from parallel ones.
     """
     return {
         "t": t, "client": client, "proto": proto, "id": id, "qtype": qtype, "qname": qname,
         "rcode": rcode, "action": action, "reason": reason, "size": size, "delay_ms": delay_ms,
+        "rx": t if rx is None else rx, "tx": tx,
     }
 
 
 def handle_query(data: bytes, *, client: str, proto: str, config: Config, faults: Faults,
-                 now: float | None = None) -> tuple[bytes | None, dict[str, Any]]:
+                 now: float | None = None,
+                 rx: float | None = None) -> tuple[bytes | None, dict[str, Any]]:
     """Decide what to do with one raw request: ``(reply bytes or None, log record)``.
 
-    ``faults`` is updated (counters, used-up faults). ``None`` means send nothing (a
-    dropped answer, or a datagram too short to carry a DNS header). The caller applies
+    ``faults`` is updated (counters, used-up faults); the record's ``tx`` is the planned
+    send time (the server overwrites it with the real one). ``None`` means send nothing (a
+    dropped answer, a datagram too short to carry a DNS header, or a DNS response). The caller applies
     ``record["delay_ms"]`` before sending.
     """
     now = time.time() if now is None else now
     rec = dict(t=now, client=client, proto=proto, id=None, qtype=None, qname=None,
-               rcode=None, action="answered", reason=None, size=0)
+               rcode=None, action="answered", reason=None, size=0,
+               rx=now if rx is None else rx)
     try:
         request = DNSRecord.parse(data)
     except (DNSError, struct.error, ValueError, IndexError, UnicodeError):
         request = None
-    if request is None or request.header.qr:
-        # Unparseable (or a response sent to us): FORMERR if we can read an id.
+    if request is not None and request.header.qr:
+        # A response sent to us: never answer it (no reflection loops).
+        return None, log_record(**rec | dict(id=request.header.id, action="ignored",
+                                             reason="response"))
+    if request is None:
+        # Unparseable: FORMERR if we can read an id, else nothing.
         if len(data) < _HEADER.size:
             if config.drop_all:
                 return None, log_record(**rec | dict(action="dropped", reason="drop-all"))
@@ -462,7 +475,8 @@ def handle_query(data: bytes, *, client: str, proto: str, config: Config, faults
         rec |= dict(id=rid, rcode="FORMERR", reason="malformed")
         if faults.decide(config, qtype=None, qname=None, proto=proto, now=now):
             return None, log_record(**rec | dict(action="dropped", reason="drop-all"))
-        return reply, log_record(**rec | dict(size=len(reply), delay_ms=config.delay_ms))
+        return reply, log_record(**rec | dict(size=len(reply), delay_ms=config.delay_ms,
+                                              tx=now + config.delay_ms / 1000.0))
 
     rec["id"] = request.header.id
     if request.questions:
@@ -473,7 +487,8 @@ def handle_query(data: bytes, *, client: str, proto: str, config: Config, faults
     reason = faults.decide(config, qtype=rec["qtype"], qname=rec["qname"], proto=proto, now=now)
     if reason is not None:
         return None, log_record(**rec | dict(action="dropped", reason=reason))
-    return reply, log_record(**rec | dict(size=len(reply), delay_ms=config.delay_ms))
+    return reply, log_record(**rec | dict(size=len(reply), delay_ms=config.delay_ms,
+                                          tx=now + config.delay_ms / 1000.0))
 
 
 # --------------------------------------------------------------------------------------
@@ -511,7 +526,9 @@ def wait_log(path: str | os.PathLike[str], predicate=lambda entries: bool(entrie
 
 def wait_ready(path: str | os.PathLike[str], *, timeout: float = 10.0, proc=None,
                interval: float = 0.02) -> dict[str, Any]:
-    """Wait for a server's ``--ready-file`` and return it: ``{pid, listen, port, tcp}``.
+    """Wait for a server's ``--ready-file`` and return it: ``{pid, listen, port, tcp, started}``
+
+    (``started``: the unix time ``--drop-aaaa-after`` counts from).
 
     ``proc`` (a ``subprocess.Popen``) makes it fail fast if the server exits first.
     """
@@ -535,19 +552,53 @@ def _client(addr: tuple) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class _UDP(asyncio.DatagramProtocol):
-    def __init__(self, server: "DNSServer"):
-        self.server = server
-        self.transport: asyncio.DatagramTransport | None = None
+class _UDP:
+    """The UDP side, read with recvmsg() so each query carries its kernel arrival time.
 
-    def connection_made(self, transport):
-        self.transport = transport
+    SO_TIMESTAMPNS stamps a datagram when it reaches the socket, not when the loop gets
+    round to it: a parallel A+AAAA pair (sendmmsg) arrives before the A answer leaves,
+    a serial pair after it, and the log's ``rx``/``tx`` tell the two apart.
+    """
 
-    def datagram_received(self, data, addr):
-        self.server._on_udp(self.transport, data, addr)
+    def __init__(self, server: "DNSServer", sock: socket.socket, loop):
+        self.server, self.sock, self.loop = server, sock, loop
+        self._closing = False
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        loop.add_reader(sock.fileno(), self._readable)
 
-    def error_received(self, exc):  # ICMP unreachable etc.: nothing to do
-        pass
+    def _readable(self):
+        for _ in range(64):
+            try:
+                data, anc, _flags, addr = self.sock.recvmsg(65535, socket.CMSG_SPACE(16))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # ICMP errors queued on the socket: nothing to do
+                continue
+            rx = None
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(payload) >= 16:
+                    sec, nsec = struct.unpack("qq", payload[:16])
+                    rx = sec + nsec / 1e9
+            self.server._on_udp(self, data, addr, rx)
+
+    def sendto(self, data: bytes, addr) -> None:
+        try:
+            self.sock.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            pass  # a full send buffer loses the answer, as UDP may
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        if not self._closing:
+            self._closing = True
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+
+
+_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 
 
 class DNSServer:
@@ -570,7 +621,7 @@ class DNSServer:
         self.ready_file = ready_file
         self.tcp = tcp
         self._log = None
-        self._udp: asyncio.DatagramTransport | None = None
+        self._udp: _UDP | None = None
         self._tcp_server: asyncio.base_events.Server | None = None
         self._tcp_tasks: set[asyncio.Task] = set()
         self._pending: set[asyncio.TimerHandle] = set()
@@ -627,13 +678,13 @@ class DNSServer:
             self._log = sys.stdout
         else:
             self._log = open(self.log_path, "a", encoding="utf-8")
-        self._udp, _ = await loop.create_datagram_endpoint(lambda: _UDP(self), sock=udp_sock)
+        self._udp = _UDP(self, udp_sock, loop)
         if tcp_sock is not None:
             self._tcp_server = await asyncio.start_server(self._on_tcp, sock=tcp_sock)
         self.faults = Faults(started=time.time())
         if self.ready_file:
             info = {"pid": os.getpid(), "listen": self.listen, "port": self.port,
-                    "tcp": tcp_sock is not None}
+                    "tcp": tcp_sock is not None, "started": self.faults.started}
             tmp = f"{self.ready_file}.{os.getpid()}.tmp"
             Path(tmp).write_text(json.dumps(info) + "\n", encoding="utf-8")
             os.replace(tmp, self.ready_file)
@@ -724,13 +775,14 @@ class DNSServer:
             self._log.write(json.dumps(record) + "\n")
             self._log.flush()
 
-    def _handle(self, data: bytes, client: str, proto: str) -> tuple[bytes | None, dict]:
+    def _handle(self, data: bytes, client: str, proto: str,
+                rx: float | None = None) -> tuple[bytes | None, dict]:
         self._apply_signals()
         return handle_query(data, client=client, proto=proto, config=self.config,
-                            faults=self.faults)
+                            faults=self.faults, rx=rx)
 
-    def _on_udp(self, transport, data: bytes, addr) -> None:
-        reply, record = self._handle(data, _client(addr), "udp")
+    def _on_udp(self, transport, data: bytes, addr, rx: float | None = None) -> None:
+        reply, record = self._handle(data, _client(addr), "udp", rx)
         if reply is None:
             self._write_log(record)
         elif record["delay_ms"] > 0:
@@ -742,6 +794,9 @@ class DNSServer:
 
     def _send_udp(self, transport, reply: bytes, addr, record: dict[str, Any]) -> None:
         if not transport.is_closing():
+            # stamped just before the send: on a veth the client may answer before
+            # sendto() even returns, and a serial AAAA must never look earlier than this
+            record["tx"] = time.time()
             transport.sendto(reply, addr)
             self._write_log(record)
 
@@ -766,6 +821,7 @@ class DNSServer:
                     continue
                 if record["delay_ms"] > 0:
                     await asyncio.sleep(record["delay_ms"] / 1000.0)
+                record["tx"] = time.time()
                 writer.write(struct.pack("!H", len(reply)) + reply)
                 await writer.drain()
                 self._write_log(record)
@@ -791,7 +847,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=53, help="UDP and TCP port (0: any free port; default 53)")
     p.add_argument("--log", required=True, help="query log: one JSON object per line ('-': stdout)")
     p.add_argument("--config", help="JSON file with the config keys (reloaded on SIGHUP)")
-    p.add_argument("--ready-file", help="written (JSON: pid, listen, port, tcp) once the sockets are bound")
+    p.add_argument("--ready-file", help="written (JSON: pid, listen, port, tcp, started) once the sockets are bound; "
+                        "removed on exit")
     p.add_argument("--no-tcp", dest="tcp", action="store_false", help="answer UDP only")
     g = p.add_argument_group("config (keys of the --config file)")
     g.add_argument("--zone", dest="zones", action="append", metavar="ZONE",
