@@ -45,9 +45,23 @@ def explain(stall: dict, dns: list[dict]) -> list[dict]:
     return [r for r in dns if t0 - 0.05 <= r["t"] <= t1 + 0.05]
 
 
-def _fmt_dns(r: dict, t0: float) -> str:
-    return (f"  +{r['t'] - t0:7.3f}s  {r.get('qtype', '?'):5} {r.get('qname', '?'):48} "
-            f"{r.get('rcode', '-'):9} {r.get('action', '')}"
+def exchange_mode(dns: list[dict]) -> dict[int, str]:
+    """For each AAAA query (by index in ``dns``): 'parallel' if it was on the wire before
+    the A answer of the same lookup left the server (sendmmsg), 'serial' if after."""
+    modes = {}
+    last_a = {}
+    for i, r in enumerate(dns):
+        key = (r.get("client"), r.get("qname"))
+        if r.get("qtype") == "A" and r.get("tx") is not None:
+            last_a[key] = r
+        elif r.get("qtype") == "AAAA" and key in last_a and r.get("rx") is not None:
+            modes[i] = "serial" if r["rx"] > last_a[key]["tx"] else "parallel"
+    return modes
+
+
+def _fmt_dns(r: dict, t0: float, mode: str = "") -> str:
+    return (f"  +{r['t'] - t0:7.3f}s  {r.get('qtype', '?'):5} {r.get('qname', '?'):44} "
+            f"{r.get('rcode', '-'):9} {r.get('action', ''):8} {mode:8}"
             + (f" ({r['reason']})" if r.get("reason") else ""))
 
 
@@ -92,9 +106,12 @@ def run(args) -> int:
         dropped = [r for r in dns if r.get("action") == "dropped"]
         if dropped:
             t0 = dropped[0]["t"]
-            print("== DNS log around the lost answer (the first 24 lines from it):")
-            for r in [r for r in dns if r["t"] >= t0 - 0.01][:24]:
-                print(_fmt_dns(r, t0))
+            print("== DNS log around the lost answer (the first 24 lines from it; an AAAA is "
+                  "'parallel' when it was sent with its A, 'serial' when sent after A's answer):")
+            modes = exchange_mode(dns)
+            for i, r in enumerate(dns):
+                if r["t"] >= t0 - 0.01 and i < dns.index(dropped[0]) + 23:
+                    print(_fmt_dns(r, t0, modes.get(i, "")))
             print(_story(args, dropped[0], dns, stalls))
         if args.json:
             with open(args.json, "w") as fh:
@@ -113,7 +130,8 @@ def run(args) -> int:
 def _story(args, drop: dict, dns: list[dict], stalls: list[dict]) -> str:
     bare = [r for r in dns if r.get("rcode") == args.rcode and r["t"] > drop["t"]
             and r.get("qtype") == "A"]
-    gaps = [round(b["t"] - a["t"], 1) for a, b in zip(bare, bare[1:])]
+    gaps = [round(b["t"] - a["t"], 1) for a, b in zip(bare, bare[1:])
+            if a.get("client") == b.get("client")]
     lines = [f"== what happened: the {drop['qtype']} answer for {drop['qname']} was lost;"
              " glibc's send_dg timed out waiting for it and switched this thread to",
              "   single-request mode for good (statp->options |= RES_SNGLKUP). From then on A and"
@@ -121,8 +139,9 @@ def _story(args, drop: dict, dns: list[dict], stalls: list[dict]) -> str:
     if stalls:
         lines.append(f"   and each {args.rcode} to the A query is followed by a poll() for an "
                      "AAAA answer that was never asked for:")
-        lines.append(f"   A {args.rcode} answers for the bare name came {gaps[:6]} s apart "
-                     "(the resolver timeout), and redis's replicationCron blocked GETs meanwhile.")
+        lines.append(f"   the A query for the bare name was re-sent {gaps[:4]} s after each "
+                     f"{args.rcode} (the resolver timeout, per attempt), and redis's "
+                     "replicationCron blocked every GET meanwhile.")
     else:
         lines.append("   but this glibc does not wait after an error answer: no stall (fixed build).")
     return "\n".join(lines)
