@@ -17,8 +17,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     from .lab import cli as lab_cli
+    from .symbols import cli as symbols_cli
     from . import replay
     lab_cli.add_parser(sub)
+    symbols_cli.add_parser(sub)
     replay.add_parser(sub)
     return ap
 

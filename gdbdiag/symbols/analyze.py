@@ -1,0 +1,226 @@
+"""What a glibc build does about bug 30081, decided from its code where possible.
+
+* :func:`analyze_send_dg` — with gdb in batch mode on the object and its verified
+  debug file: which object defines ``send_dg``, the offsets of ``options`` and
+  ``_flags`` in ``struct __res_state`` (DWARF), and which of them ``send_dg`` ORs the
+  sticky bit RES_SNGLKUP / RES_F_SNGLKUP (0x200000) into (disassembly).
+* :func:`source_has_30081_fix` — from the exact source Debian built (signed Sources
+  index → ``.debian.tar.xz`` patches, and the upstream ``res_send.c`` when needed):
+  does the error-answer path read ``if (buf2 != NULL && !single_request)`` (the fix,
+  upstream commit af625987) or ``if (buf2 != NULL)``.
+* :func:`version_table` — the fallback when no code can be inspected.
+"""
+from __future__ import annotations
+
+import io
+import lzma
+import os
+import re
+import subprocess
+import tarfile
+
+from .identify import version_tuple
+
+__all__ = ["analyze_send_dg", "parse_ptype_offsets", "find_sticky_writes", "version_table",
+           "source_has_30081_fix", "FIX_RE", "UNFIXED_RE"]
+
+SNGLKUP = 0x200000
+SNGLKUPREOP = 0x400000
+
+FIX_RE = re.compile(r"if\s*\(\s*buf2\s*!=\s*NULL\s*&&\s*!\s*single_request\s*\)")
+UNFIXED_RE = re.compile(r"if\s*\(\s*buf2\s*!=\s*NULL\s*\)")
+
+
+def parse_ptype_offsets(text: str) -> dict[str, int]:
+    """{member: offset} from ``ptype/o struct __res_state`` (top-level members)."""
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"^/\*\s+(\d+)(?::\d+)?\s+\|\s+\d+\s+\*/\s+(?:[\w ]+?[\s*]+)(\w+)(?:\[\d+\])*;", line)
+        if m and m.group(2) not in out:
+            out[m.group(2)] = int(m.group(1))
+    return out
+
+
+_OR_MEM = re.compile(r"\b(or[bwlq]?)\s+\$0x([0-9a-f]+),\s*(-?0x[0-9a-f]+)?\((%\w+)\)")
+_BTS_MEM = re.compile(r"\b(bts[wlq]?)\s+\$0x([0-9a-f]+),\s*(-?0x[0-9a-f]+)?\((%\w+)\)")
+_OR_REG = re.compile(r"\b(or[bwlq]?)\s+\$0x([0-9a-f]+),\s*(%\w+)\s*$")
+_MOV_STORE = re.compile(r"\bmov[bwlq]?\s+(%\w+),\s*(-?0x[0-9a-f]+)?\((%\w+)\)")
+
+
+def find_sticky_writes(disasm: str, bit: int = SNGLKUP) -> list[tuple[int, str]]:
+    """(memory offset, instruction) of each instruction in an x86-64 AT&T disassembly
+    that sets ``bit`` in memory: ``or $bit,off(%reg)``, ``bts $n,off(%reg)``, or
+    ``or $bit,%r`` followed (within 4 instructions) by ``mov %r,off(%reg)``."""
+    out = []
+    lines = [ln.split(":", 1)[-1].strip() for ln in disasm.splitlines() if "\t" in ln or ":" in ln]
+    for i, ins in enumerate(lines):
+        m = _OR_MEM.search(ins)
+        if m and int(m.group(2), 16) & bit:
+            out.append((int(m.group(3) or "0", 16), ins))
+            continue
+        m = _BTS_MEM.search(ins)
+        if m and (1 << int(m.group(2), 16)) == bit:
+            out.append((int(m.group(3) or "0", 16), ins))
+            continue
+        m = _OR_REG.search(ins)
+        if m and int(m.group(2), 16) & bit:
+            reg = m.group(3)
+            for nxt in lines[i + 1:i + 5]:
+                s = _MOV_STORE.search(nxt)
+                if s and _same_reg(s.group(1), reg):
+                    out.append((int(s.group(2) or "0", 16), f"{ins}; {nxt}"))
+                    break
+    return out
+
+
+def _same_reg(a: str, b: str) -> bool:
+    def base(r):
+        r = r.lstrip("%")
+        for pfx in ("r", "e"):
+            if r.startswith(pfx) and len(r) == 3 and r[1:] in ("ax", "bx", "cx", "dx", "si", "di", "bp", "sp"):
+                return r[1:]
+        if r in ("ax", "bx", "cx", "dx", "si", "di", "bp", "sp"):
+            return r
+        return re.sub(r"[dwb]$", "", r)
+    return base(a) == base(b)
+
+
+def analyze_send_dg(objects: list[tuple[str, str]], debug_dirs: list[str], gdb: str = "gdb",
+                    timeout: float = 120) -> dict:
+    """Find ``send_dg`` in the first of ``objects`` [(soname, host path)] that
+    defines it (with separate debug files from ``debug_dirs``), and decide from its
+    code where the sticky single-request flag lives.
+
+    Returns {"send_dg_object", "sticky_field", "offsets", "writes", "evidence"}."""
+    res = {"send_dg_object": None, "sticky_field": None, "offsets": {}, "writes": [], "evidence": None}
+    for soname, path in objects:
+        argv = [gdb, "-nx", "-batch", "-ex", "set pagination off", "-ex", "set width 0",
+                "-ex", f"set debug-file-directory {':'.join(debug_dirs)}", "-ex", f"file {path}",
+                "-ex", "info address send_dg", "-ex", "ptype/o struct __res_state",
+                "-ex", "disassemble send_dg"]
+        try:
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            res["evidence"] = f"gdb failed: {e}"
+            continue
+        out = p.stdout
+        if 'Symbol "send_dg" is a function' not in out:
+            continue
+        res["send_dg_object"] = soname
+        offs = parse_ptype_offsets(out)
+        res["offsets"] = {k: offs[k] for k in ("options", "_flags") if k in offs}
+        dis = out[out.find("Dump of assembler code"):]
+        writes = find_sticky_writes(dis)
+        res["writes"] = [w for _, w in writes]
+        fields = set()
+        for off, _ins in writes:
+            for name in ("options", "_flags"):
+                if offs.get(name) == off:
+                    fields.add(name)
+        if len(fields) == 1:
+            res["sticky_field"] = fields.pop()
+            res["evidence"] = (f"send_dg sets 0x{SNGLKUP:x} with `{writes[0][1]}`; "
+                               f"{res['sticky_field']} is at offset {offs[res['sticky_field']]} of struct __res_state")
+        else:
+            res["evidence"] = (f"send_dg in {soname}: sticky writes {[w for _, w in writes]} do not map to "
+                               f"exactly one of options/_flags (offsets {res['offsets']})")
+        return res
+    if res["evidence"] is None:
+        res["evidence"] = "send_dg not found in " + ", ".join(s for s, _ in objects)
+    return res
+
+
+def version_table(distro: str | None, package_version: str | None, glibc_version: str | None) -> dict:
+    """The fallback verdict from versions alone: {"affected", "sticky_field", "reason"}
+    ("affected" None = cannot tell from the version)."""
+    g = version_tuple(glibc_version)
+    pv = package_version or ""
+    if g and g >= (2, 41):
+        return {"affected": False, "sticky_field": "_flags", "reason": "glibc >= 2.41 has the upstream fix (af625987)"}
+    m = re.match(r"^2\.36-9\+deb12u(\d+)", pv)
+    if m:
+        n = int(m.group(1))
+        if n >= 9:
+            return {"affected": False, "sticky_field": "_flags",
+                    "reason": "Debian 2.36-9+deb12u9 and later carry the backport"}
+        return {"affected": True, "sticky_field": "options", "reason": "Debian bookworm before 2.36-9+deb12u9"}
+    if g and g < (2, 34):
+        return {"affected": True, "sticky_field": "options",
+                "reason": f"glibc {glibc_version}: no upstream branch below 2.34 received the fix"}
+    if g and (2, 34) <= g < (2, 41):
+        return {"affected": None, "sticky_field": None,
+                "reason": f"glibc {glibc_version}: release branch got the fix in July 2024; depends on the distro's update"}
+    return {"affected": None, "sticky_field": None, "reason": "unknown glibc version"}
+
+
+def _scan_patches(debian_tar_xz: bytes) -> tuple[str | None, list[str]]:
+    """(patch file adding the fix, series) from a .debian.tar.xz."""
+    series: list[str] = []
+    patches: dict[str, str] = {}
+    with tarfile.open(fileobj=io.BytesIO(debian_tar_xz), mode="r:*") as tf:
+        for m in tf:
+            if not m.isreg():
+                continue
+            n = m.name
+            if n.endswith("debian/patches/series"):
+                series = [ln.split()[0] for ln in tf.extractfile(m).read().decode("utf-8", "replace").splitlines()
+                          if ln.strip() and not ln.startswith("#")]
+            elif "/debian/patches/" in f"/{n}" and m.size < (64 << 20):
+                patches[n.split("debian/patches/", 1)[1]] = tf.extractfile(m).read().decode("utf-8", "replace")
+    for name in series:
+        text = patches.get(name, "")
+        for line in text.splitlines():
+            if line.startswith("+") and FIX_RE.search(line):
+                return name, series
+    return None, series
+
+
+def _upstream_res_send(orig_tar_xz_path: str) -> str | None:
+    with lzma.open(orig_tar_xz_path) as raw, tarfile.open(fileobj=raw, mode="r|") as tf:
+        for m in tf:
+            if m.isreg() and m.name.endswith("/resolv/res_send.c"):
+                return tf.extractfile(m).read().decode("utf-8", "replace")
+    return None
+
+
+def source_has_30081_fix(archive, version: str, suites, work: str, orig_cache: dict | None = None) -> dict:
+    """Decide from Debian's source package of glibc ``version`` whether send_dg has the
+    30081 fix.  ``archive`` is a :class:`~gdbdiag.symbols.sources.DebianArchive`.
+    Returns {"fixed": bool|None, "evidence": str}."""
+    ent = archive.find_source("glibc", version, suites)
+    if ent is None:
+        return {"fixed": None, "evidence": f"glibc {version} source not found in the archive"}
+    files = {f["name"]: f for f in ent["files"]}
+    deb_tar = next((n for n in files if n.endswith(".debian.tar.xz")), None)
+    if deb_tar is None:
+        return {"fixed": None, "evidence": "no .debian.tar.xz in the source package"}
+    p = archive.download_source_file(ent, deb_tar, work)
+    with open(p, "rb") as f:
+        data = f.read()
+    os.unlink(p)
+    patch, _series = _scan_patches(data)
+    if patch:
+        return {"fixed": True, "evidence": f"{deb_tar}: debian/patches/{patch} adds `if (buf2 != NULL && !single_request)`"}
+    orig = next((n for n in files if ".orig.tar." in n and n.endswith(".xz")), None)
+    if orig is None:
+        return {"fixed": None, "evidence": "no upstream tarball listed"}
+    key = files[orig]["sha256"]
+    if orig_cache is not None and key in orig_cache:
+        upstream = orig_cache[key]
+    else:
+        op = archive.download_source_file(ent, orig, work)
+        try:
+            text = _upstream_res_send(op)
+        finally:
+            os.unlink(op)
+        upstream = None if text is None else bool(FIX_RE.search(text))
+        if upstream is False and text is not None and not UNFIXED_RE.search(text):
+            upstream = None
+        if orig_cache is not None:
+            orig_cache[key] = upstream
+    if upstream is True:
+        return {"fixed": True, "evidence": f"{orig}: resolv/res_send.c has `if (buf2 != NULL && !single_request)`"}
+    if upstream is False:
+        return {"fixed": False, "evidence": f"{orig}: resolv/res_send.c has `if (buf2 != NULL)` on the error path "
+                                            f"and no patch of {deb_tar} changes it"}
+    return {"fixed": None, "evidence": f"{orig}: send_dg error path not recognised"}
