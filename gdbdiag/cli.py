@@ -22,7 +22,17 @@ def build_parser() -> argparse.ArgumentParser:
     lab_cli.add_parser(sub)
     symbols_cli.add_parser(sub)
     replay.add_parser(sub)
+    g = sub.add_parser("gdbinit", help="print the gdb line that loads the plugin",
+                       description="Print `source FILE` for ~/.gdbinit or a gdb prompt; "
+                                   "`gdb -x FILE` works too.")
+    g.set_defaults(func=_gdbinit)
     return ap
+
+
+def _gdbinit(args) -> int:
+    from pathlib import Path
+    print(f"source {Path(__file__).resolve().parent / 'gdb' / 'loader.py'}")
+    return 0
 
 
 def main(argv=None) -> int:

@@ -1,17 +1,13 @@
-# Prototype (research, not yet wired into the product): find probe points inside
-# glibc's static send_dg() (resolv/res_send.c) from symbols + disassembly + DWARF,
-# without line numbers or hard-coded offsets.  See docs/send_dg-probes.md.
-#
-# Usage (static, on a file):
-#   gdb -nx -batch -iex 'set debug-file-directory DBGDIR' -x probes_proto.py OBJ
-#     OBJ = libresolv.so.2 (glibc < 2.34) or libc.so.6 (glibc >= 2.34)
-#   Note -iex: the debug-file-directory must be set before gdb loads OBJ.
-# Usage (live): attach first, then `source probes_proto.py` (the libresolv of
-#   glibc < 2.34 must already be loaded).  Addresses are then run-time addresses.
-# Options (gdb convenience variable before sourcing): set $probes_json = 1  -> JSON.
-#
-# Runs inside gdb's embedded Python; standard library only.  Read-only: it sets
-# no breakpoint and writes nothing to the target.
+"""Find probe points inside glibc's static send_dg() (resolv/res_send.c) from symbols,
+disassembly and DWARF, without line numbers or hard-coded offsets; and decide from the
+code whether the build has bug 30081's fix. See docs/send_dg-probes.md.
+
+Used by the plugin (``resolv trace``, ``resolv probes``); also runnable on a file:
+  gdb -nx -batch -iex 'set debug-file-directory DBGDIR' -x analysis.py OBJ
+(OBJ = libresolv.so.2 for glibc < 2.34, libc.so.6 from 2.34; -iex, so the debug
+directory is set before gdb loads OBJ; `set $probes_json = 1` first for JSON).
+Read-only: it sets no breakpoint and writes nothing to the target.
+"""
 import json
 import re
 
@@ -326,7 +322,9 @@ def slice_condition(insns, idx, window=24):
     return slots, need - {"flags"}, list(reversed(used))
 
 
-def analyse(func=FUNC):
+def analyse(func=FUNC, detail=False):
+    """Probe points of send_dg in the loaded objects. ``detail`` adds the per-probe
+    availability of every local (slow: one `info scope` per probe)."""
     out = {"function": func}
     try:
         sym = gdb.lookup_static_symbol(func) or gdb.lookup_global_symbol(func)
@@ -379,6 +377,7 @@ def analyse(func=FUNC):
             c.setdefault("timeout_arg", "ptimeout (set on another path)")
         calls.append(c)
     out["calls"] = calls
+    out["returns"] = [ins.addr for ins in insns if ins.mnem.startswith("ret")]
 
     # 2. struct offsets and sticky-flag writes
     offs = struct_offsets("struct __res_state", ("options", "_flags", "pfcode", "retrans", "nscount"))
@@ -478,6 +477,9 @@ def analyse(func=FUNC):
 
     # 5. local-variable availability at each probe pc (call site, return site)
     avail = {}
+    if not detail:
+        out["availability"] = avail
+        return out
     for c in calls:
         for key in ("pc", "ret_pc"):
             pc = c[key]
@@ -560,6 +562,8 @@ def report(r):
     P("  => bug 30081: %s   (no-DWARF byte-flag heuristic: %s)" % (
         r["bug30081"], r["bug30081_nodwarf_heuristic"]))
     P("  bug 31890 fix locals present: %s" % (r["bug31890_locals"] or "none"))
+    if not r["availability"]:
+        return
     P("\nlocal availability at probe pcs (yes / OUT = <optimized out> / entry = entry_value / const / - = not in scope):")
     cols = [v for v in WANTED_VARS]
     P("  %-28s %s" % ("probe", " ".join("%-4.4s" % c for c in cols)))

@@ -1,0 +1,253 @@
+"""Probes: internal gdb breakpoints placed from symbols and send_dg's disassembly.
+
+Each probe reads the machine state at its PC and hands an :class:`Event` to the session
+(``session.observe``); in record mode ``stop()`` returns False and the target runs on, in
+step mode it returns True and the session prints the step's dump. No line numbers: the
+chain by symbol, send_dg's call sites / return sites / flag writes by disassembly
+(``analysis.analyse``), struct offsets and locals from DWARF.
+"""
+import time
+
+import gdb
+
+from ..core import events as E
+from ..core.events import Event
+from ..core.flags import parse_dns_header, parse_question
+from . import target as T
+
+# The chain, outermost first: (symbol, event data read at entry by DWARF name)
+CHAIN = (
+    ("getaddrinfo", (("name", "name"),)),
+    ("_nss_dns_gethostbyname4_r", (("name", "name"),)),
+    ("__res_context_search", (("name", "name"), ("type", "type"))),
+    ("__res_context_querydomain", (("name", "name"), ("domain", "domain"))),
+    ("__res_context_query", (("name", "name"), ("type", "type"))),
+    ("__res_context_send", (("buflen", "buflen"), ("buflen2", "buflen2"))),
+)
+CHAIN_NAMES = tuple(c[0] for c in CHAIN) + ("send_dg",)
+
+
+class Probe(gdb.Breakpoint):
+    """An internal breakpoint at one PC; ``reader`` turns the stop into an Event."""
+
+    def __init__(self, session, pc: int, kind: str, reader, label: str, thread=None):
+        super().__init__("*%#x" % pc, type=gdb.BP_BREAKPOINT, internal=True)
+        self.silent = True
+        self.session, self.pc, self.kind, self.reader, self.label = session, pc, kind, reader, label
+        if thread is not None:
+            self.thread = thread
+        self.hits_seen = 0
+
+    def stop(self):
+        self.hits_seen += 1
+        try:
+            ev = self.reader(self)
+        except Exception as exc:   # a probe must never break the target's run
+            self.session.probe_error(self, exc)
+            return False
+        if ev is None:
+            return False
+        ev.pc = self.pc
+        return self.session.observe(ev, self)
+
+
+def _ev(kind, data, prov):
+    return Event(t=time.time(), lwp=T.lwp(), kind=kind, data=data, prov=prov)
+
+
+def _query(addr, length):
+    if not addr or not length or length < 12:
+        return None
+    raw = T.mem(addr, min(int(length), 512))
+    qname, qtype = parse_question(raw)
+    hdr = parse_dns_header(raw)
+    return {"id": hdr["id"] if hdr else None, "qname": qname, "qtype": qtype}
+
+
+# -- readers ---------------------------------------------------------------------------
+def read_chain(function, fields):
+    def reader(probe):
+        data, prov = {"function": function, "thread_name": T.thread_name()}, {"function": "probe"}
+        for key, var in fields:
+            v = T.read_var(var)
+            if v is None:
+                continue
+            if key in ("name", "domain"):
+                v = T.cstring(v)
+            data[key] = v
+            prov[key] = "dwarf"
+        if function == "getaddrinfo":
+            if "name" not in data:                       # no DWARF: the ABI's first argument
+                data["name"], prov["name"] = T.cstring(T.reg("rdi")), "register"
+            data["stack"] = T.app_stack()
+            prov["stack"] = "memory"
+            return _ev(E.GAI_ENTER, data, prov)
+        return _ev(E.CHAIN, data, prov)
+    return reader
+
+
+def read_send_dg_enter(offsets):
+    def reader(probe):
+        # At the entry PC the arguments are where the ABI puts them; DWARF agrees there.
+        vals, prov = {}, {}
+        for var, regname in (("statp", "rdi"), ("buf", "rsi"), ("buflen", "rdx"),
+                             ("buf2", "rcx"), ("buflen2", "r8")):
+            v = T.read_var(var)
+            if v is None:
+                v = T.reg(regname) if var in ("statp", "buf", "buf2") else T.sreg32(regname)
+                prov[var] = "register"
+            else:
+                prov[var] = "dwarf"
+            vals[var] = v
+        statp = vals["statp"]
+        data = {"function": "send_dg", "thread_name": T.thread_name(), "statp": statp,
+                "options": T.u64(statp + offsets["options"]),
+                "flags": T.u32(statp + offsets["_flags"]) if "_flags" in offsets else None,
+                "retrans": T.i32(statp + offsets["retrans"]),
+                "q1": _query(vals["buf"], vals["buflen"]),
+                "q2": _query(vals["buf2"], vals["buflen2"]) if vals["buf2"] else None}
+        prov.update({"options": "memory", "flags": "memory", "retrans": "memory",
+                     "q1": "memory", "q2": "memory"})
+        return _ev(E.SEND_DG_ENTER, data, prov)
+    return reader
+
+
+def read_poll_call(site):
+    def reader(probe):
+        pfd = T.reg("rdi")
+        raw = T.mem(pfd, 8)
+        fd = int.from_bytes(raw[0:4], "little", signed=True)
+        events = int.from_bytes(raw[4:6], "little")
+        probe.session.saved(T.lwp())["pfd"] = pfd
+        data = {"function": "poll", "site": site, "fd": fd, "events": events,
+                "nfds": T.sreg32("rsi"), "timeout_ms": T.sreg32("rdx"), "pfd": pfd}
+        prov = {"fd": "memory", "events": "memory", "nfds": "register",
+                "timeout_ms": "register", "pfd": "register", "site": "probe"}
+        return _ev(E.POLL_ENTER, data, prov)
+    return reader
+
+
+def read_poll_return(probe):
+    saved = probe.session.saved(T.lwp())
+    data = {"function": "poll", "n": T.sreg32("rax")}
+    prov = {"n": "register"}
+    pfd = saved.pop("pfd", None)
+    if pfd:
+        raw = T.mem(pfd, 8)
+        data["fd"] = int.from_bytes(raw[0:4], "little", signed=True)
+        data["revents"] = int.from_bytes(raw[6:8], "little")
+        prov.update(fd="memory", revents="memory")
+    return _ev(E.POLL_RETURN, data, prov)
+
+
+def read_sendmmsg_return(probe):
+    return _ev(E.SENDMMSG_RETURN, {"function": "sendmmsg", "n": T.sreg32("rax")},
+               {"n": "register"})
+
+
+def read_send_call(probe):
+    buf = T.reg("rsi")
+    qid = int.from_bytes(T.mem(buf, 2), "big") if buf else None
+    probe.session.saved(T.lwp())["send_id"] = qid
+    return None          # nothing to report until it returns
+
+
+def read_send_return(probe):
+    qid = probe.session.saved(T.lwp()).pop("send_id", None)
+    data = {"function": "send", "n": T.sreg64("rax")}
+    prov = {"n": "register"}
+    if qid is not None:
+        data["id"], prov["id"] = qid, "memory"
+    return _ev(E.SEND_RETURN, data, prov)
+
+
+def read_recvfrom_call(probe):
+    probe.session.saved(T.lwp())["recv_buf"] = T.reg("rsi")
+    return None
+
+
+def read_recvfrom_return(probe):
+    buf = probe.session.saved(T.lwp()).pop("recv_buf", None)
+    n = T.sreg64("rax")
+    data, prov = {"function": "recvfrom", "n": n}, {"n": "register"}
+    if buf and n >= 12:
+        hdr = parse_dns_header(T.mem(buf, 12))
+        for k in ("id", "rcode", "qdcount", "ancount", "tc"):
+            data[k], prov[k] = hdr[k], "memory"
+    return _ev(E.RECVFROM_RETURN, data, prov)
+
+
+def read_flag_write(write, offsets):
+    field_off = offsets[write["field"]]
+    bit = 0x00200000 if write["flag"].endswith("SNGLKUP") else 0x00400000
+    basereg = write["base_reg"].lstrip("%")
+
+    def reader(probe):
+        statp = T.reg(basereg)
+        before = (T.u64 if write["field"] == "options" else T.u32)(statp + field_off)
+        data = {"function": "send_dg", "field": write["field"], "bit": write["flag"],
+                "before": before, "value": before | bit, "statp": statp}
+        prov = {"field": "probe", "bit": "probe", "before": "memory", "value": "inferred",
+                "statp": "register"}
+        return _ev(E.FLAG_WRITE, data, prov)
+    return reader
+
+
+def read_send_dg_return(probe):
+    return _ev(E.SEND_DG_RETURN, {"function": "send_dg", "ret": T.sreg32("rax")},
+               {"ret": "register"})
+
+
+# -- arming ------------------------------------------------------------------------------
+def chain_addresses(name):
+    """Entry PC of ``name`` (the function start, before its prologue), or [] when the
+    object holding it is not loaded. gdb's expression evaluator finds the function under
+    glibc's internal aliases too (2.31's DWARF names __res_context_query
+    __GI___res_context_query)."""
+    try:
+        v = gdb.parse_and_eval("&'%s'" % name)
+    except gdb.error:
+        return []
+    if v.type.strip_typedefs().code != gdb.TYPE_CODE_PTR or \
+            v.type.strip_typedefs().target().code != gdb.TYPE_CODE_FUNC:
+        return []
+    return [int(v.cast(gdb.lookup_type("unsigned long")))]
+
+
+def arm(session, analysis, offsets, thread=None, chain=True, lean=False):
+    """Create every probe; returns the list. ``analysis`` is analysis.analyse()'s result."""
+    probes = []
+
+    def add(pc, kind, reader, label):
+        probes.append(Probe(session, pc, kind, reader, label, thread))
+
+    if chain and not lean:
+        for name, fields in CHAIN:
+            for pc in chain_addresses(name):
+                add(pc, E.CHAIN, read_chain(name, fields), name)
+    elif chain:
+        for pc in chain_addresses("getaddrinfo"):
+            add(pc, E.GAI_ENTER, read_chain("getaddrinfo", CHAIN[0][1]), "getaddrinfo")
+    add(analysis["entry"], E.SEND_DG_ENTER, read_send_dg_enter(offsets), "send_dg")
+    for c in analysis["calls"]:
+        k = c["kind"]
+        if k == "poll":
+            site = "wait" if c.get("timeout_arg") != "0" else "check"
+            if lean and site == "check":
+                continue
+            add(c["pc"], E.POLL_ENTER, read_poll_call(site), "send_dg:poll(%s)" % site)
+            add(c["ret_pc"], E.POLL_RETURN, read_poll_return, "send_dg:poll(%s) returned" % site)
+        elif k == "sendmmsg":
+            add(c["ret_pc"], E.SENDMMSG_RETURN, read_sendmmsg_return, "send_dg:sendmmsg returned")
+        elif k == "send":
+            add(c["pc"], "send_call", read_send_call, "send_dg:send")
+            add(c["ret_pc"], E.SEND_RETURN, read_send_return, "send_dg:send returned")
+        elif k == "recvfrom":
+            add(c["pc"], "recvfrom_call", read_recvfrom_call, "send_dg:recvfrom")
+            add(c["ret_pc"], E.RECVFROM_RETURN, read_recvfrom_return, "send_dg:recvfrom returned")
+    for w in analysis["flag_writes"]:
+        add(w["pc"], E.FLAG_WRITE, read_flag_write(w, offsets),
+            "send_dg: statp->%s |= %s" % (w["field"], w["flag"]))
+    for pc in analysis.get("returns", []):
+        add(pc, E.SEND_DG_RETURN, read_send_dg_return, "send_dg returns")
+    return probes

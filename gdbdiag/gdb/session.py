@@ -1,0 +1,247 @@
+"""The trace session inside gdb: probes in, detector and output out.
+
+Thin: the decisions are the pure core's (gdbdiag.core); this file only moves events from
+probes to the detector and prints what it finds.
+"""
+import fnmatch
+import json
+import os
+import time
+
+import gdb
+
+from ..core import events as E
+from ..core import render
+from ..core.detector import Detector
+from ..core.events import Event
+from ..core.flags import sticky_bits
+from . import analysis as A
+from . import probes as P
+from . import target as T
+
+STATE_FILE_ENV = "GDBDIAG_ARMED_FILE"   # where the batch runner's supervisor reads armed PCs
+SYMBOLS = {"source": None, "verified": None}   # set by `resolv symbols` or the batch runner
+
+
+class TraceSession:
+    current = None
+
+    def __init__(self, step=False, thread=None, names=None, lean=False, record=None,
+                 chain=True, verbose=False, echo=True):
+        self.step, self.thread, self.names, self.lean = step, thread, names, lean
+        self.chain, self.verbose, self.echo = chain, verbose, echo
+        self.t0 = time.time()
+        self.observations: list[Event] = []
+        self.probes = []
+        self.analysis = None
+        self.offsets = None
+        self.build = {}
+        self.detector = None
+        self.errors = []
+        self._saved = {}
+        self._record = open(record, "w") if record else None
+        self._objfile_hook = None
+        self.filtered = set()
+        self.armed_at = None
+
+    # -- set-up -----------------------------------------------------------------------
+    def start(self):
+        if not self.try_arm():
+            self._objfile_hook = self._on_new_objfile
+            gdb.events.new_objfile.connect(self._objfile_hook)
+            self.say("send_dg is not loaded yet (glibc < 2.34 loads libresolv at the first "
+                     "lookup): probes will be armed when it is")
+
+    def _on_new_objfile(self, event):
+        try:
+            if self.try_arm():
+                gdb.events.new_objfile.disconnect(self._objfile_hook)
+                self._objfile_hook = None
+        except Exception as exc:            # never let an event handler break gdb
+            self.errors.append("arming on load: %s" % exc)
+
+    def try_arm(self):
+        if self.probes:
+            return True
+        try:
+            sym = gdb.lookup_static_symbol("send_dg")
+        except gdb.error:
+            sym = None
+        if sym is None:
+            return False
+        self.analysis = A.analyse()
+        self.offsets = A.struct_offsets("struct __res_state",
+                                        ("options", "_flags", "retrans", "retry", "nscount", "pfcode"))
+        self.build = build_facts(self.analysis)
+        self.detector = Detector(accepts_header_only=self.build["bug31890_fixed"],
+                                 resolv_conf_single_request=resolv_conf_single_request(),
+                                 flag_probe=True, sticky_field=self.build["sticky_field"])
+        gthread = None
+        if self.thread is not None:
+            for th in gdb.selected_inferior().threads():
+                if th.num == self.thread or th.ptid[1] == self.thread:
+                    gthread = th.global_num
+            if gthread is None:
+                raise gdb.GdbError("no thread %s in this inferior" % self.thread)
+        self.probes = P.arm(self, self.analysis, self.offsets, thread=gthread,
+                            chain=self.chain, lean=self.lean)
+        self.armed_at = time.time()
+        self.write_armed_file()
+        # threads already sticky before this trace
+        for row in thread_states(self.offsets):
+            ev = Event(t=time.time(), lwp=row["lwp"], kind=E.STATUS,
+                       data={"options": row["options"], "flags": row["flags"],
+                             "thread_name": row["name"]},
+                       prov={"options": row["prov"], "flags": row["prov"]})
+            self.detector.feed(ev)
+            for f in self.detector.findings[-1:]:
+                if f.kind == E.STICKY_ENGAGED and f.lwp == row["lwp"] and f.t == ev.t:
+                    self.say(render.finding_line(f, self.t0, row["name"]))
+        self.say("armed %d probes in send_dg (%s) and the chain; bug 30081 in this build: %s "
+                 "(from the code); sticky bit in %s"
+                 % (len(self.probes), self.analysis.get("objfile"), self.build["bug30081"],
+                    self.build["sticky_field"]))
+        return True
+
+    def write_armed_file(self):
+        path = os.environ.get(STATE_FILE_ENV)
+        if not path:
+            return
+        inf = gdb.selected_inferior()
+        data = {"pid": inf.pid, "pcs": sorted({p.pc for p in self.probes})}
+        tmp = path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(data, fh)
+        os.replace(tmp, path)
+
+    def stop(self):
+        if self._objfile_hook is not None:
+            gdb.events.new_objfile.disconnect(self._objfile_hook)
+            self._objfile_hook = None
+        n = 0
+        for p in self.probes:
+            if p.is_valid():
+                p.delete()
+                n += 1
+        self.probes = []
+        path = os.environ.get(STATE_FILE_ENV)
+        if path:
+            tmp = path + ".tmp"
+            with open(tmp, "w") as fh:
+                json.dump({"pid": gdb.selected_inferior().pid, "pcs": []}, fh)
+            os.replace(tmp, path)
+        if self._record:
+            self._record.close()
+            self._record = None
+        return n
+
+    # -- probes call these -----------------------------------------------------------
+    def saved(self, lwp):
+        return self._saved.setdefault(lwp, {})
+
+    def probe_error(self, probe, exc):
+        msg = "%s at %#x: %s: %s" % (probe.label, probe.pc, type(exc).__name__, exc)
+        if len(self.errors) < 50:
+            self.errors.append(msg)
+            self.say("probe error (target continues): " + msg)
+
+    def observe(self, ev, probe):
+        lwp = ev.lwp
+        if ev.kind == E.GAI_ENTER and self.names:
+            name = ev.get("name") or ""
+            if fnmatch.fnmatch(name, self.names) or fnmatch.fnmatch(name + ".", self.names):
+                self.filtered.discard(lwp)
+            else:
+                self.filtered.add(lwp)
+        if lwp in self.filtered:
+            return False
+        self.observations.append(ev)
+        if self._record:
+            self._record.write(json.dumps(ev.to_json(), sort_keys=True) + "\n")
+            self._record.flush()
+        found = self.detector.feed(ev)
+        name = self.detector.thread(lwp).name
+        for f in found:
+            if self._record:
+                self._record.write(json.dumps(dict(f.to_json(), finding=True), sort_keys=True) + "\n")
+            self.say(render.finding_line(f, self.t0, name))
+        if self.step:
+            self.say("-- %s  (%s)" % (probe.label, render.who(lwp, name)))
+            self.say(render.dump_table(self.detector.dump(ev)))
+            return True
+        if self.verbose:
+            self.say("   %s %s %s" % (render.who(lwp, name), probe.label,
+                                       {k: v for k, v in ev.data.items() if k not in ("stack",)}))
+        return False
+
+    def say(self, text):
+        if self.echo:
+            gdb.write(text + "\n")
+            gdb.flush()
+
+
+def build_facts(analysis) -> dict:
+    fields = analysis.get("flag_field") or []
+    return {"bug30081": analysis.get("bug30081"),
+            "affected_30081": {"affected": True, "fixed": False}.get(analysis.get("bug30081")),
+            "bug31890_fixed": bool(analysis.get("bug31890_locals")),
+            "sticky_field": fields[0] if len(fields) == 1 else ("/".join(fields) or None),
+            "send_dg_object": analysis.get("objfile")}
+
+
+def resolv_conf_single_request():
+    """Does the target's own /etc/resolv.conf say single-request? (read in its root)."""
+    pid = gdb.selected_inferior().pid
+    try:
+        from ..symbols.rootfs import SafeRoot
+        text = SafeRoot("/proc/%d/root" % pid).read_text("/etc/resolv.conf")
+    except Exception:
+        return None
+    for line in text.splitlines():
+        parts = line.split()
+        if parts and parts[0] == "options" and any(p.startswith("single-request") for p in parts[1:]):
+            return True
+    return False
+
+
+def thread_states(offsets) -> list:
+    """Each thread's _res: options, _flags, nameservers, timeout/attempts/ndots.
+
+    Through ``__resp`` (the thread's resolver state; needs the target's libthread_db for
+    TLS). Threads whose state cannot be read are listed with ``options`` None."""
+    rows = []
+    inf = gdb.selected_inferior()
+    orig = gdb.selected_thread()
+    try:
+        for th in sorted(inf.threads(), key=lambda t: t.num):
+            th.switch()
+            row = {"num": th.num, "lwp": th.ptid[1], "name": th.name or "", "options": None,
+                   "flags": None, "prov": "dwarf", "nameservers": "", "resolver": ""}
+            try:
+                resp = gdb.parse_and_eval("__resp")
+                st = resp.dereference()
+                row["options"] = int(st["options"])
+                try:
+                    row["flags"] = int(st["_flags"])
+                except gdb.error:
+                    row["flags"] = None
+                n = int(st["nscount"])
+                ns = []
+                for i in range(min(n, 3)):
+                    a = st["nsaddr_list"][i]
+                    ip = int(a["sin_addr"]["s_addr"])
+                    ns.append("%d.%d.%d.%d" % (ip & 255, ip >> 8 & 255, ip >> 16 & 255, ip >> 24))
+                row["nameservers"] = " ".join(ns)
+                row["resolver"] = "%ss/%s/%s" % (int(st["retrans"]), int(st["retry"]), int(st["ndots"]))
+                row["resp"] = int(resp)
+            except gdb.error as exc:
+                row["error"] = str(exc)
+            rows.append(row)
+    finally:
+        if orig is not None and orig.is_valid():
+            orig.switch()
+    return rows
+
+
+def sticky_of(row) -> dict:
+    return sticky_bits(row.get("options"), row.get("flags"))

@@ -1,0 +1,101 @@
+"""Reading the stopped target from inside gdb: registers, memory, locals, threads.
+
+Everything returns ``(value, provenance)`` or plain values with the caller labelling
+them; nothing here writes to the target.
+"""
+import struct
+
+import gdb
+
+MASK64 = (1 << 64) - 1
+
+
+def lwp() -> int:
+    t = gdb.selected_thread()
+    return t.ptid[1] if t is not None else 0
+
+
+def thread_name() -> str:
+    t = gdb.selected_thread()
+    return (t.name or "") if t is not None else ""
+
+
+def reg(name: str) -> int:
+    return int(gdb.selected_frame().read_register(name)) & MASK64
+
+
+def sreg32(name: str) -> int:
+    """A 32-bit signed register value (int arguments and return values)."""
+    v = reg(name) & 0xFFFFFFFF
+    return v - (1 << 32) if v & 0x80000000 else v
+
+
+def sreg64(name: str) -> int:
+    v = reg(name)
+    return v - (1 << 64) if v & (1 << 63) else v
+
+
+def mem(addr: int, n: int) -> bytes:
+    return bytes(gdb.selected_inferior().read_memory(addr, n))
+
+
+def u64(addr):
+    return struct.unpack("<Q", mem(addr, 8))[0]
+
+
+def u32(addr):
+    return struct.unpack("<I", mem(addr, 4))[0]
+
+
+def i32(addr):
+    return struct.unpack("<i", mem(addr, 4))[0]
+
+
+def cstring(addr: int, limit: int = 256) -> str | None:
+    if not addr:
+        return None
+    try:
+        return gdb.Value(addr).cast(gdb.lookup_type("char").pointer()).string(errors="replace", length=-1)[:limit]
+    except gdb.error:
+        raw = mem(addr, limit)
+        return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def read_var(name: str):
+    """A local/argument of the selected frame, or None if DWARF has no value here."""
+    try:
+        v = gdb.selected_frame().read_var(name)
+    except (ValueError, gdb.error):
+        return None
+    if v.is_optimized_out:
+        return None
+    try:
+        if v.type.strip_typedefs().code == gdb.TYPE_CODE_PTR:
+            return int(v.cast(gdb.lookup_type("unsigned long")))
+        return int(v)
+    except (gdb.error, TypeError, ValueError):
+        return None
+
+
+def app_stack(limit: int = 16) -> list:
+    """Function names from the selected frame outwards (the application stack)."""
+    out = []
+    f = gdb.selected_frame()
+    while f is not None and len(out) < limit:
+        name = f.name()
+        if name is None:
+            try:
+                name = "0x%x" % f.pc()
+            except gdb.error:
+                name = "??"
+        out.append(name)
+        try:
+            f = f.older()
+        except gdb.error:
+            break
+    return out
+
+
+def field_offsets(type_name: str, names) -> dict:
+    t = gdb.lookup_type(type_name)
+    return {f.name: f.bitpos // 8 for f in t.fields() if f.name in names}
