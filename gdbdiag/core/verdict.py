@@ -6,7 +6,8 @@ from . import events as E
 HEALTHY = "HEALTHY"
 STICKY_NO_STALL = "STICKY_NO_STALL"
 STICKY_STALLING = "STICKY_STALLING"
-CODES = (HEALTHY, STICKY_NO_STALL, STICKY_STALLING)
+STALLING_NOT_STICKY = "STALLING_NOT_STICKY"   # e.g. header-only error answers ignored (bug 31890)
+CODES = (HEALTHY, STICKY_NO_STALL, STICKY_STALLING, STALLING_NOT_STICKY)
 
 
 def decide(threads: list[dict], findings: list, build: dict | None = None) -> dict:
@@ -20,7 +21,12 @@ def decide(threads: list[dict], findings: list, build: dict | None = None) -> di
     names = {f.get("qname") for f in doomed + stalls if f.get("qname")}
     lookups = {f.get("lookup") for f in doomed + stalls if f.get("lookup")}
     who = ", ".join(f"{t['lwp']}" + (f" ({t['name']})" if t.get("name") else "") for t in sticky)
-    if doomed or stalls:
+    if (doomed or stalls) and not sticky:
+        code = STALLING_NOT_STICKY
+        reasons = sorted({f.get("reason") for f in doomed if f.get("reason")})
+        summary = (f"{len(doomed)} doomed poll(s) in parallel mode, no thread sticky: "
+                   + ("; ".join(reasons) if reasons else "answers glibc cannot use"))
+    elif doomed or stalls:
         code = STICKY_STALLING
         ms = [f.get("measured_ms") for f in stalls if f.get("measured_ms") is not None]
         summary = (f"{len(sticky) or 'a'} thread(s) in sticky single-request mode [{who}]; "
@@ -46,6 +52,12 @@ def remediations(code, sticky, names, lookups, build) -> list[str]:
         return []
     out = []
     peer = sorted(lookups - {None})
+    if code == STALLING_NOT_STICKY:
+        out.append("The DNS server sends error answers without the question section "
+                   "(header-only); glibc before the bug 31890 fix ignores them and waits the "
+                   "whole timeout. Fix the server (CoreDNS answers with the question) or "
+                   "upgrade glibc (Debian 12 >= 2.36-9+deb12u9, glibc >= 2.41).")
+        return out
     if code == STICKY_STALLING:
         for name in peer or ["<peer name>"]:
             bare = name.rstrip(".")
