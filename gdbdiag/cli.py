@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     from .lab import cli as lab_cli
     from .symbols import cli as symbols_cli
-    from . import replay
+    from . import attach, replay
+    attach.add_parser(sub)
     lab_cli.add_parser(sub)
     symbols_cli.add_parser(sub)
     replay.add_parser(sub)

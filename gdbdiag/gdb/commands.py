@@ -152,6 +152,8 @@ class ResolvTrace(ResolvCommand):
         p.add_argument("--lean", action="store_true", help="fewest stops: no chain, no check polls")
         p.add_argument("--record", metavar="FILE", help="write every event as JSON lines")
         p.add_argument("--verbose", action="store_true", help="print every observation")
+        p.add_argument("--step-log", metavar="FILE",
+                       help="write every step's dump to FILE without stopping (batch runs)")
 
     def run(self, args):
         _require_process()
@@ -160,7 +162,8 @@ class ResolvTrace(ResolvCommand):
         step = args.step if args.step is not None else bool(gdb.parameter("resolv step"))
         names = args.names or (gdb.parameter("resolv names") or None)
         sess = S.TraceSession(step=step, thread=args.thread, names=names, lean=args.lean,
-                              record=args.record, verbose=args.verbose or bool(gdb.parameter("resolv verbose")))
+                              record=args.record, step_log=args.step_log,
+                              verbose=args.verbose or bool(gdb.parameter("resolv verbose")))
         S.TraceSession.current = sess
         sess.start()
 

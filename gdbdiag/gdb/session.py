@@ -27,7 +27,7 @@ class TraceSession:
     current = None
 
     def __init__(self, step=False, thread=None, names=None, lean=False, record=None,
-                 chain=True, verbose=False, echo=True):
+                 chain=True, verbose=False, echo=True, step_log=None):
         self.step, self.thread, self.names, self.lean = step, thread, names, lean
         self.chain, self.verbose, self.echo = chain, verbose, echo
         self.t0 = time.time()
@@ -40,6 +40,7 @@ class TraceSession:
         self.errors = []
         self._saved = {}
         self._record = open(record, "w") if record else None
+        self._step_log = open(step_log, "w") if step_log else None
         self._objfile_hook = None
         self.filtered = set()
         self.armed_at = None
@@ -130,9 +131,10 @@ class TraceSession:
             with open(tmp, "w") as fh:
                 json.dump({"pid": gdb.selected_inferior().pid, "pcs": []}, fh)
             os.replace(tmp, path)
-        if self._record:
-            self._record.close()
-            self._record = None
+        for fh in (self._record, self._step_log):
+            if fh:
+                fh.close()
+        self._record = self._step_log = None
         return n
 
     # -- probes call these -----------------------------------------------------------
@@ -165,10 +167,15 @@ class TraceSession:
             if self._record:
                 self._record.write(json.dumps(dict(f.to_json(), finding=True), sort_keys=True) + "\n")
             self.say(render.finding_line(f, self.t0, name))
-        if self.step:
-            self.say("-- %s  (%s)" % (probe.label, render.who(lwp, name)))
-            self.say(render.dump_table(self.detector.dump(ev)))
-            return True
+        if self.step or self._step_log:
+            text = "-- %s  (%s)\n%s" % (probe.label, render.who(lwp, name),
+                                        render.dump_table(self.detector.dump(ev)))
+            if self._step_log:
+                self._step_log.write("%.6f %s\n\n" % (ev.t, text))
+                self._step_log.flush()
+            if self.step:
+                self.say(text)
+                return True
         if self.verbose:
             self.say("   %s %s %s" % (render.who(lwp, name), probe.label,
                                        {k: v for k, v in ev.data.items() if k not in ("stack",)}))

@@ -1,0 +1,275 @@
+"""`gdbdiag attach PID` — a batch diagnosis that never harms the target.
+
+Order of operations, each step undone on every way out:
+  preflight (refuse with a one-line cause, touching nothing)
+  -> symbols (fetch/verify/cache) -> gdb attaches (pexpect)
+  -> supervisor starts (own session; waits on gdb's pidfd)
+  -> `resolv trace` (the plugin writes the armed PCs for the supervisor first)
+  -> target runs; detections printed as they happen
+  -> on duration / --until / SIGINT / SIGTERM / SIGHUP: interrupt, report, untrace,
+     detach, quit -> supervisor sees a clean exit and has nothing to do.
+If gdb dies instead, the supervisor puts the original bytes back and the runner rebuilds
+the report from the event stream gdb was recording.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pexpect
+
+from .core import render
+from .core import report as R
+from .core.detector import Detector
+from .core.events import load_stream, OBSERVATIONS
+from .errors import EXIT_FAIL_ON, EXIT_OK, EXIT_TOOL, GdbdiagError
+from . import preflight
+
+ARMED_DIR = Path(os.environ.get("GDBDIAG_RUN_DIR", "/run/gdbdiag")) / "armed"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "attach", help="attach to a process, trace its resolver, report, detach",
+        description="Attach gdb with the gdbdiag plugin to PID, load its glibc's debug "
+                    "symbols, arm the trace, print each detection as it happens, then the "
+                    "report and the verdict, and detach. The target keeps running throughout "
+                    "and is left with its code bytes as on disk, however the run ends.",
+        epilog="exit codes: 0 completed (any verdict), 1 --fail-on matched, 2 usage error, "
+               "3 target refused (missing, zombie, traced, no permission, no glibc resolver), "
+               "4 tool failure")
+    p.add_argument("pid", type=int)
+    p.add_argument("--duration", type=float, default=60.0, metavar="S",
+                   help="trace for S seconds (default 60)")
+    p.add_argument("--until", choices=("sticky", "stall"),
+                   help="stop as soon as a thread goes sticky / a stall is measured")
+    p.add_argument("--json", metavar="FILE", help="write the JSON report (schema gdbdiag.report/1)")
+    p.add_argument("--timeline", metavar="FILE", help="write an HTML timeline")
+    p.add_argument("--symbols", default="auto", metavar="auto|off|DIR",
+                   help="auto: fetch and verify (default); off: use what gdb finds; DIR: a "
+                        "debug-file-directory you provide")
+    p.add_argument("--offline", action="store_true", help="symbols from the cache only")
+    p.add_argument("--step-log", metavar="FILE", help="write every step's dump here")
+    p.add_argument("--fail-on", choices=("sticky", "stall"),
+                   help="exit 1 if a thread is sticky / a stall was seen")
+    p.add_argument("--lean", action="store_true", help="fewest probes (see README)")
+    p.add_argument("--quiet", action="store_true", help="only the report")
+    p.set_defaults(func=run)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _say(msg: str) -> None:
+    try:
+        print(msg, flush=True)
+    except (OSError, ValueError):       # the terminal went away (SIGHUP): keep going
+        pass
+
+
+def symbol_setup(pid: int, mode: str, offline: bool) -> tuple[list[str], dict]:
+    from .gdbdrive import setup_commands
+    from .symbols import gdbload, identify
+    if mode == "auto":
+        cmds, info = setup_commands(pid, offline=offline)
+        f = info["fetch"]
+        return cmds, {"source": sorted({o.get("origin") for o in f.get("objects", []) if o.get("origin")}),
+                      "verified": bool(info["ok"]),
+                      "objects": [{k: o.get(k) for k in ("name", "build_id", "debug_file", "origin", "error")}
+                                  for o in f.get("objects", [])]}
+    ident = identify.identify_process(pid)
+    if mode == "off":
+        cmds = [c for c in gdbload.gdb_setup_commands(ident, ["/usr/lib/debug"])
+                if not c.startswith("set debug-file-directory")]
+        return cmds, {"source": ["gdb default"], "verified": False}
+    if not os.path.isdir(mode):
+        raise GdbdiagError(f"--symbols {mode}: not auto, off or a directory", 2)
+    return gdbload.gdb_setup_commands(ident, mode), {"source": [mode], "verified": None}
+
+
+def run(args) -> int:
+    pid = args.pid
+    facts = preflight.check_target(pid)
+    preflight.check_resolver(pid)
+    if args.duration <= 0:
+        raise GdbdiagError("--duration must be positive", 2)
+
+    stop = {"why": None}
+
+    def on_signal(signum, frame):
+        stop["why"] = signal.Signals(signum).name
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+
+    from .gdbdrive import Gdb, GdbError
+    workdir = Path(tempfile.mkdtemp(prefix="gdbdiag-attach-"))
+    ARMED_DIR.mkdir(parents=True, exist_ok=True)
+    armed = ARMED_DIR / f"{pid}-{os.getpid()}.json"
+    stream = workdir / "events.jsonl"
+    rep_path = workdir / "report.json"
+    g = sup = None
+    t_attach = time.monotonic()
+    armed_line = ""
+    try:
+        try:
+            cmds, sym = symbol_setup(pid, args.symbols, args.offline)
+        except GdbdiagError:
+            raise
+        except Exception as exc:
+            raise GdbdiagError(f"symbols: {exc}") from exc
+        if args.symbols == "auto" and not sym["verified"]:
+            bad = [o for o in sym.get("objects", []) if o.get("error")]
+            raise GdbdiagError("symbols: no verified debug file for "
+                               + ", ".join(f"{o['name']} ({o['error']})" for o in bad))
+        if not args.quiet:
+            _say(f"gdbdiag: attaching to {pid} ({facts['name']}, {facts['threads']} threads); "
+                 f"symbols from {', '.join(s for s in sym['source'] if s)}")
+        try:
+            g = Gdb(pid, cmds, env={"GDBDIAG_ARMED_FILE": str(armed)})
+        except (GdbError, pexpect.ExceptionPexpect) as exc:
+            raise GdbdiagError(f"gdb could not attach: {exc}") from exc
+        sup = subprocess.Popen([sys.executable, "-m", "gdbdiag.supervisor", "--target", str(pid),
+                                "--gdb", str(g.child.pid), "--armed", str(armed),
+                                "--log", str(workdir / "supervisor.log")],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True,
+                               env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+        opts = " --lean" if args.lean else ""
+        if args.step_log:
+            opts += f" --step-log {args.step_log}"
+        out = g.cmd(f"resolv trace --record {stream}{opts}")
+        armed_line = next((l for l in out.splitlines() if l.startswith("armed ")), "")
+        if "Error" in out or "error" in out.lower() and not armed_line and "not loaded yet" not in out:
+            raise GdbdiagError("resolv trace failed: " + out.strip().splitlines()[-1])
+        attach_to_armed = time.monotonic() - t_attach
+        if not args.quiet:
+            for line in out.splitlines():
+                if line.strip() and not line.startswith("resolv trace"):
+                    _say(line)
+            _say(f"gdbdiag: armed in {attach_to_armed:.2f} s; tracing for up to "
+                 f"{args.duration:g} s (Ctrl-C ends the run cleanly)")
+        g.cont()
+        deadline = time.monotonic() + args.duration
+        seen = set()
+        printed = 0
+        while True:
+            if stop["why"]:
+                if not args.quiet:
+                    _say(f"gdbdiag: {stop['why']}: ending the run (untrace, detach)")
+                break
+            if time.monotonic() >= deadline:
+                break
+            try:
+                g.drain(0.3)
+            except OSError:
+                break
+            if not g.child.isalive():
+                raise _Stop("gdb exited unexpectedly")
+            lines = [l for l in g.output.splitlines() if l.startswith("[gdbdiag]")]
+            for line in lines[printed:]:
+                if not args.quiet:
+                    _say(line)
+                kind = line.split(": ", 1)[0].rsplit(" ", 1)[-1]
+                seen.add(kind)
+            printed = len(lines)
+            if args.until == "sticky" and "sticky_engaged" in seen:
+                break
+            if args.until == "stall" and "stall" in seen:
+                break
+        g.interrupt()
+        g.cmd(f"resolv report --json {rep_path}")
+        g.cmd("resolv untrace")
+        g.cmd("detach")
+        g.close()
+        rep = json.loads(rep_path.read_text())
+        rep.setdefault("run", {})
+        rep["run"].update(attach_to_armed_s=round(attach_to_armed, 3), ended_by=stop["why"] or (
+            "until" if args.until and args.until in seen or "stall" in seen and args.until == "stall"
+            else "duration"))
+    except _Stop as exc:
+        rep = _rebuild(stream, pid, armed_line, str(exc), workdir)
+    except (pexpect.EOF, pexpect.TIMEOUT) as exc:
+        rep = _rebuild(stream, pid, armed_line, f"gdb stopped answering ({type(exc).__name__})", workdir)
+    finally:
+        if g is not None:
+            g.close()
+        if sup is not None:
+            try:
+                sup.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+        for s, h in old.items():
+            signal.signal(s, h)
+    rep["symbols"] = sym
+    rep["target"]["nspid"] = facts["nspid"]
+    rep["target"]["lwp_map"] = lwp_map(pid)
+    for t in rep.get("threads", []):
+        t["lwp_target"] = rep["target"]["lwp_map"].get(str(t["lwp"]))
+    sup_log = workdir / "supervisor.log"
+    if sup_log.exists():
+        rep["run"]["supervisor"] = sup_log.read_text().strip().splitlines()[-1:]
+    _say(render.report_text(rep))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rep, indent=1, default=str))
+    if args.timeline:
+        from .timeline import write_html
+        write_html(rep, args.timeline)
+    code = rep["verdict"]["code"]
+    if rep["run"].get("error"):
+        return EXIT_TOOL
+    if args.fail_on == "sticky" and code in ("STICKY_NO_STALL", "STICKY_STALLING"):
+        return EXIT_FAIL_ON
+    if args.fail_on == "stall" and code in ("STICKY_STALLING", "STALLING_NOT_STICKY"):
+        return EXIT_FAIL_ON
+    return EXIT_OK
+
+
+def _rebuild(stream: Path, pid: int, armed_line: str, why: str, workdir: Path) -> dict:
+    """gdb is gone: the report from the events it had recorded (pure core)."""
+    _say(f"gdbdiag: {why}; the supervisor restores the target's code; report rebuilt from "
+         "the recorded events")
+    det = Detector()
+    obs = []
+    if stream.exists():
+        with open(stream) as fh:
+            for ev in load_stream(fh):
+                if ev.kind in OBSERVATIONS:
+                    obs.append(ev)
+                    det.feed(ev)
+    affected = None
+    if "bug 30081 in this build: affected" in armed_line:
+        affected = True
+    elif "bug 30081 in this build: fixed" in armed_line:
+        affected = False
+    from .symbols.facts import glibc_facts
+    glibc = glibc_facts(pid, {"affected_30081": affected})
+    rep = R.build(det, {"pid": pid, "exe": _readlink(f"/proc/{pid}/exe")}, glibc, {}, obs)
+    rep["run"] = {"error": why}
+    return rep
+
+
+def _readlink(p):
+    try:
+        return os.readlink(p)
+    except OSError:
+        return None
+
+
+def lwp_map(pid: int) -> dict:
+    """Host LWP -> LWP as the target's own PID namespace sees it (NSpid's last field)."""
+    out = {}
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/status") as fh:
+                for line in fh:
+                    if line.startswith("NSpid:"):
+                        out[tid] = int(line.split()[-1])
+    except OSError:
+        pass
+    return out
