@@ -140,10 +140,12 @@ class Lab:
         return bool(self.pid) and _pid_alive(self.pid)
 
     def probe(self, seconds: float = 30.0, interval: float = 0.1, emit=None,
-              port: int = 6379) -> list[dict]:
-        """Run the Redis latency probe from inside the pod network namespace."""
+              port: int = 6379, write: bool = False) -> list[dict]:
+        """Run the Redis latency probe (or, ``write``, a writer) inside the pod's netns."""
         argv = ["ip", "netns", "exec", self.netns_pod, sys.executable, "-m", "gdbdiag.lab.probe",
                 "--seconds", str(seconds), "--interval", str(interval), "--port", str(port)]
+        if write:
+            argv.append("--write")
         env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
         records = []
         with subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
@@ -163,6 +165,15 @@ class Lab:
                 if p.poll() is None:
                     p.terminate()
         return records
+
+    def redis_dbsize(self, port: int = 6379) -> int:
+        r = subprocess.run(["ip", "netns", "exec", self.netns_pod, sys.executable, "-m",
+                            "gdbdiag.lab.probe", "--dbsize", "--port", str(port)],
+                           capture_output=True, text=True, timeout=60,
+                           env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
+        if r.returncode != 0:
+            raise LabError(f"DBSIZE failed: {r.stderr.strip()[-200:]}")
+        return json.loads(r.stdout)["dbsize"]
 
     def nsexec(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
         """Run a host program inside the pod's network namespace."""

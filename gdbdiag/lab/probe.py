@@ -36,8 +36,11 @@ def _read_reply(f) -> bytes:
 
 
 def run_probe(host="127.0.0.1", port=6379, seconds=30.0, interval=0.1, key="gdbdiag:probe",
-              request_timeout=60.0, emit=None) -> list[dict]:
-    """Send GET every ``interval`` s for ``seconds`` s; one record per request."""
+              request_timeout=60.0, emit=None, write=False) -> list[dict]:
+    """Send GET every ``interval`` s for ``seconds`` s; one record per request.
+
+    ``write``: SET gdbdiag:w:<n> instead (a concurrent writer: each record with
+    ``"key"`` and no ``"error"`` is a write Redis acknowledged)."""
     records = []
     deadline = time.monotonic() + seconds
     sock = None
@@ -49,7 +52,11 @@ def run_probe(host="127.0.0.1", port=6379, seconds=30.0, interval=0.1, key="gdbd
             if sock is None:
                 sock = socket.create_connection((host, port), timeout=request_timeout)
                 f = sock.makefile("rb")
-            sock.sendall(_command("GET", key))
+            if write:
+                rec["key"] = f"gdbdiag:w:{len(records)}"
+                sock.sendall(_command("SET", rec["key"], str(t)))
+            else:
+                sock.sendall(_command("GET", key))
             _read_reply(f)
             rec["ms"] = round((time.monotonic() - m0) * 1000, 2)
         except (OSError, RuntimeError, ConnectionError) as e:
@@ -70,6 +77,15 @@ def run_probe(host="127.0.0.1", port=6379, seconds=30.0, interval=0.1, key="gdbd
     return records
 
 
+def dbsize(host="127.0.0.1", port=6379, timeout=30.0) -> int:
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(_command("DBSIZE"))
+        line = sock.makefile("rb").readline()
+    if not line.startswith(b":"):
+        raise RuntimeError(f"unexpected DBSIZE reply {line!r}")
+    return int(line[1:])
+
+
 def summarize(records: list[dict], slow_ms: float = 1000.0) -> dict:
     ok = [r["ms"] for r in records if "error" not in r]
     slow = [r for r in records if r["ms"] >= slow_ms]
@@ -86,12 +102,17 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=6379)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--interval", type=float, default=0.1)
+    ap.add_argument("--write", action="store_true", help="SET new keys instead of GET")
+    ap.add_argument("--dbsize", action="store_true", help="print DBSIZE and exit")
     args = ap.parse_args(argv)
+    if args.dbsize:
+        print(json.dumps({"dbsize": dbsize(args.host, args.port)}), flush=True)
+        return 0
 
     def emit(rec):
         print(json.dumps(rec), flush=True)
 
-    recs = run_probe(args.host, args.port, args.seconds, args.interval, emit=emit)
+    recs = run_probe(args.host, args.port, args.seconds, args.interval, emit=emit, write=args.write)
     print(json.dumps({"summary": summarize(recs)}), flush=True)
     return 0
 
