@@ -44,7 +44,13 @@ def add_parser(sub) -> None:
         epilog="exit codes: 0 completed (any verdict), 1 --fail-on matched, 2 usage error, "
                "3 target refused (missing, zombie, traced, no permission, no glibc resolver), "
                "4 tool failure")
-    p.add_argument("pid", type=int)
+    p.add_argument("pid", type=int, nargs="?", help="the target's PID (as this namespace sees it)")
+    p.add_argument("--container-id", metavar="ID",
+                   help="instead of PID: the main process of this container (from /proc/*/cgroup; "
+                        "a node debug pod)")
+    p.add_argument("--process", metavar="auto|NAME",
+                   help="instead of PID: the main process (or the one named NAME) of the other "
+                        "container sharing this PID namespace (kubectl debug --target)")
     p.add_argument("--duration", type=float, default=60.0, metavar="S",
                    help="trace for S seconds (default 60)")
     p.add_argument("--until", choices=("sticky", "stall"),
@@ -94,8 +100,20 @@ def symbol_setup(pid: int, mode: str, offline: bool) -> tuple[list[str], dict]:
     return gdbload.gdb_setup_commands(ident, mode), {"source": [mode], "verified": None}
 
 
+def resolve_pid(args) -> int:
+    from . import pod
+    given = [x for x in (args.pid is not None, bool(args.container_id), bool(args.process)) if x]
+    if len(given) != 1:
+        raise GdbdiagError("give exactly one of PID, --container-id or --process", 2)
+    if args.pid is not None:
+        return args.pid
+    if args.container_id:
+        return pod.pid_for_container_id(args.container_id, args.process or "auto")
+    return pod.pid_in_own_namespace(args.process)
+
+
 def run(args) -> int:
-    pid = args.pid
+    pid = resolve_pid(args)
     facts = preflight.check_target(pid)
     preflight.check_resolver(pid)
     if args.duration <= 0:
@@ -214,7 +232,9 @@ def run(args) -> int:
     sup_log = workdir / "supervisor.log"
     if sup_log.exists():
         rep["run"]["supervisor"] = sup_log.read_text().strip().splitlines()[-1:]
+    from .timeline import terminal
     _say(render.report_text(rep))
+    _say(terminal(rep))
     if args.json:
         Path(args.json).write_text(json.dumps(rep, indent=1, default=str))
     if args.timeline:

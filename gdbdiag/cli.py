@@ -18,8 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     from .lab import cli as lab_cli
     from .symbols import cli as symbols_cli
-    from . import attach, replay
+    from . import attach, pod, replay
     attach.add_parser(sub)
+    pod.add_parser(sub)
     lab_cli.add_parser(sub)
     symbols_cli.add_parser(sub)
     replay.add_parser(sub)
@@ -38,7 +39,14 @@ def _gdbinit(args) -> int:
 
 def main(argv=None) -> int:
     ap = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest = []
+    if argv[:1] == ["pod"] and "--" in argv:
+        i = argv.index("--")
+        argv, rest = argv[:i], argv[i + 1:]
     args = ap.parse_args(argv)
+    if rest:
+        args.attach_args = rest
     try:
         return args.func(args)
     except GdbdiagError as e:

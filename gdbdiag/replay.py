@@ -26,7 +26,12 @@ def add_parser(sub) -> None:
                                    "DNS log that explains them, tear down.")
     p.add_argument("--name", default="replay")
     p.add_argument("--release", choices=sorted(container.rootfs_mod.RELEASES), default="bullseye")
-    p.add_argument("--fault", default="drop-aaaa-once")
+    p.add_argument("--fault", default=None,
+                   help="a lab fault (default: none at start; one AAAA answer is dropped as soon "
+                        "as gdbdiag is armed, so it sees the switch happen)")
+    p.add_argument("--no-attach", action="store_true",
+                   help="only reproduce: no gdbdiag attach (the fault defaults to drop-aaaa-once)")
+    p.add_argument("--timeline", metavar="FILE", help="write the HTML timeline of the diagnosis")
     p.add_argument("--rcode", choices=container.RCODES, default="SERVFAIL")
     p.add_argument("--seconds", type=float, default=35.0, help="how long to probe (default 35)")
     p.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
@@ -66,8 +71,11 @@ def _fmt_dns(r: dict, t0: float, mode: str = "") -> str:
 
 
 def run(args) -> int:
+    attach = not args.no_attach
+    fault = args.fault or ("none" if attach else "drop-aaaa-once")
+    args.fault = fault
     spec = container.LabSpec(name=args.name, release=args.release, workload="redis",
-                             fault=args.fault, rcode=args.rcode, cache=args.cache)
+                             fault=fault, rcode=args.rcode, cache=args.cache)
     # SIGTERM/SIGHUP take the same way out as Ctrl-C, so the lab is always removed.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda s, f: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -77,6 +85,9 @@ def run(args) -> int:
               f"DNS answers {args.rcode} for the bare name, fault {args.fault}", flush=True)
         lab = container.up(spec, log=lambda m: print("   " + m, flush=True))
         print(f"   redis-server pid {lab.pid} (host), DNS log {lab.dns_log}", flush=True)
+        runner = None
+        if attach:
+            runner = _start_attach(lab, args)
         print(f"== probing GET latency for {args.seconds:.0f} s (each '#' is a request "
               f"that took >= 1 s)", flush=True)
         t_start = time.time()
@@ -87,6 +98,8 @@ def run(args) -> int:
                       flush=True)
 
         probe = lab.probe(args.seconds, 0.1, emit=emit)
+        if runner is not None:
+            _finish_attach(runner)
         dns = lab.dns_records()
         s = summarize(probe)
         stalls = find_stalls(probe)
@@ -122,9 +135,59 @@ def run(args) -> int:
         print(f"gdbdiag replay: {e}", file=sys.stderr)
         return EXIT_TOOL
     finally:
+        if "runner" in locals() and runner is not None and runner["p"].poll() is None:
+            runner["p"].send_signal(signal.SIGINT)
+            runner["p"].wait(60)
         if lab is not None and not args.keep:
             problems = container.down(lab.name, quiet=True)
             print(f"== lab {lab.name} removed" + (f" ({'; '.join(problems)})" if problems else ""))
+
+
+def _start_attach(lab, args) -> dict:
+    """`gdbdiag attach` on the lab's redis; the AAAA answer is dropped once it is armed."""
+    import subprocess
+    import sys
+    import threading
+    from pathlib import Path
+    argv = [sys.executable, "-m", "gdbdiag.cli", "attach", str(lab.pid),
+            "--duration", str(max(5.0, args.seconds - 2))]
+    if args.timeline:
+        argv += ["--timeline", args.timeline]
+    if args.json:
+        argv += ["--json", str(Path(args.json).with_suffix(".report.json"))]
+    print(f"== gdbdiag attach {lab.pid}: symbols, probes; then one AAAA answer is lost", flush=True)
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    armed = threading.Event()
+    lines: list[str] = []
+
+    def pump():
+        for line in p.stdout:
+            line = line.rstrip("\n")
+            lines.append(line)
+            if line.startswith("gdbdiag: armed"):
+                armed.set()
+            if line.startswith("[gdbdiag]") or line.startswith("gdbdiag:"):
+                print("   " + line, flush=True)
+        armed.set()
+
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+    armed.wait(120)
+    if args.fault == "none" and p.poll() is None:
+        lab.inject()
+        print("   (lab: the DNS server will drop the next AAAA answer)", flush=True)
+    return {"p": p, "lines": lines, "thread": t}
+
+
+def _finish_attach(runner) -> None:
+    runner["p"].wait(120)
+    runner["thread"].join(10)
+    text = runner["lines"]
+    i = next((k for k, l in enumerate(text) if l.startswith("== target pid")), None)
+    print("== gdbdiag's diagnosis")
+    for line in text[i:] if i is not None else text[-20:]:
+        print("   " + line)
 
 
 def _story(args, drop: dict, dns: list[dict], stalls: list[dict]) -> str:

@@ -18,13 +18,15 @@ def _event_row(ev: E.Event, names: dict) -> dict:
            "qname": d.get("qname"), "qtype": d.get("qtype"), "rcode": d.get("rcode")}
     if "q1" in d and d.get("q1"):
         row["qname"], row["qtype"] = d["q1"].get("qname"), d["q1"].get("qtype")
+        row["queries"] = [q for q in (d.get("q1"), d.get("q2")) if q]
     if ev.kind in (E.POLL_ENTER, E.POLL_RETURN, E.DOOMED_POLL):
         row["poll"] = {k: d.get(k) for k in ("fd", "events", "revents", "timeout_ms", "n")}
         if ev.kind == E.DOOMED_POLL:
             row["poll"]["timeout_ms"] = d.get("predicted_ms")
     for k in ("recvresp1", "recvresp2", "nwritten", "single_request", "single_request_reopen",
               "predicted_ms", "measured_ms", "cause", "reason", "field", "lost_qname",
-              "lost_qtype", "waiting_for", "error_rcode", "n", "id", "options", "flags"):
+              "lost_qtype", "waiting_for", "error_rcode", "n", "id", "options", "flags",
+              "function", "name", "domain", "stack", "waited_ms", "how", "lookup"):
         if k in d and d[k] is not None:
             row[k] = d[k]
     row["provenance"] = dict(ev.prov)

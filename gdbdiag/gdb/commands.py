@@ -190,8 +190,10 @@ class ResolvReport(ResolvCommand):
         p.add_argument("--timeline", metavar="FILE", help="write an HTML timeline")
 
     def run(self, args):
+        from ..timeline import terminal
         rep = current_report()
         gdb.write(render.report_text(rep) + "\n")
+        gdb.write(terminal(rep) + "\n")
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(rep, fh, indent=1, default=str)

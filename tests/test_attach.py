@@ -1,0 +1,240 @@
+"""`gdbdiag attach` on lab containers: verdicts, every way a run can end, refusals."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from gdbdiag.codecheck import diff_code
+from conftest import tracer_of
+
+pytestmark = pytest.mark.lab
+GD = [sys.executable, "-m", "gdbdiag.cli"]
+
+
+class Runner:
+    """`gdbdiag attach` as a subprocess whose stdout is read line by line."""
+
+    def __init__(self, *args):
+        self.p = subprocess.Popen(GD + ["attach", *map(str, args)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        self.lines: list[str] = []
+        self._t = threading.Thread(target=self._read, daemon=True)
+        self._t.start()
+
+    def _read(self):
+        for line in self.p.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, text, timeout):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(text in l for l in self.lines):
+                return
+            if self.p.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"no {text!r} in output:\n" + "\n".join(self.lines[-30:]))
+
+    def finish(self, timeout=90) -> int:
+        try:
+            rc = self.p.wait(timeout=timeout)
+        finally:
+            if self.p.poll() is None:
+                self.p.kill()
+        self._t.join(5)
+        return rc
+
+    @property
+    def text(self):
+        return "\n".join(self.lines)
+
+    def gdb_pid(self) -> int:
+        kids = Path(f"/proc/{self.p.pid}/task/{self.p.pid}/children").read_text().split()
+        for k in kids:
+            if Path(f"/proc/{k}/comm").read_text().strip() == "gdb":
+                return int(k)
+        raise AssertionError("no gdb child")
+
+
+def _target_unharmed(lab, writes):
+    assert lab.alive()
+    deadline = time.monotonic() + 10
+    while tracer_of(lab.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert tracer_of(lab.pid) == 0
+    assert diff_code(lab.pid, ("libc", "libresolv", "libnss_dns")) == []
+    acked = [w for w in writes if "error" not in w]
+    assert acked, "the concurrent writer got nothing acknowledged"
+    assert lab.redis_dbsize() >= len(acked)          # every acknowledged key is there
+    assert lab.probe(seconds=1, interval=0.2)          # and it still answers
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGHUP", "duration", "kill-gdb",
+                                 "kill-runner"])
+def test_target_survives_every_way_a_run_ends(lab_factory, how, tmp_path):
+    # stalling bullseye: during a doomed poll no probe fires, so killing gdb then tests
+    # the supervisor's repair rather than the (documented) window inside a stop
+    lab = lab_factory(release="bullseye", workload="redis", fault="drop-aaaa-once")
+    writes = []
+    writer = threading.Thread(target=lambda: writes.extend(lab.probe(seconds=40, interval=0.05, write=True)))
+    writer.start()
+    r = Runner(lab.pid, "--duration", "25" if how == "duration" else "120",
+               "--json", tmp_path / "rep.json")
+    try:
+        r.wait_for("gdbdiag: armed in", 60)
+        if how == "duration":
+            rc = r.finish(120)
+            assert rc == 0
+            assert json.loads((tmp_path / "rep.json").read_text())["run"]["ended_by"] == "duration"
+        elif how.startswith("SIG"):
+            time.sleep(3)
+            os.kill(r.p.pid, getattr(signal, how))
+            rc = r.finish(60)
+            assert rc == 0, r.text
+            assert f"gdbdiag: {how}: ending the run" in r.text
+            assert "== verdict:" in r.text
+        elif how == "kill-gdb":
+            r.wait_for("doomed_poll", 30)
+            os.kill(r.gdb_pid(), signal.SIGKILL)
+            rc = r.finish(60)
+            assert rc == 4, r.text
+            assert "report rebuilt from the recorded events" in r.text
+            assert "restored" in r.text or "supervisor" in r.text
+        else:                       # the runner itself dies: gdb gets SIGHUP from its pty
+            r.wait_for("doomed_poll", 30)
+            gdb = r.gdb_pid()
+            os.kill(r.p.pid, signal.SIGKILL)
+            r.finish(10)
+            deadline = time.monotonic() + 20
+            while Path(f"/proc/{gdb}").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+    finally:
+        if r.p.poll() is None:
+            r.p.kill()
+        writer.join(60)
+    _target_unharmed(lab, writes)
+
+
+@pytest.mark.parametrize("release,verdict", [("bullseye", "STICKY_STALLING"),
+                                             ("bookworm", "STICKY_NO_STALL"),
+                                             ("trixie", "STICKY_NO_STALL")])
+def test_verdicts(lab_factory, tmp_path, release, verdict):
+    lab = lab_factory(release=release, workload="redis", fault="none")
+    out = tmp_path / "rep.json"
+    r = Runner(lab.pid, "--duration", "40", "--until", "stall" if release == "bullseye" else "sticky",
+               "--json", out, "--fail-on", "sticky")
+    r.wait_for("gdbdiag: armed in", 60)
+    lab.inject()
+    t0 = time.time()
+    rc = r.finish(90)
+    rep = json.loads(out.read_text())
+    assert rep["schema"] == "gdbdiag.report/1"
+    if release == "bullseye":
+        # within one replication cycle after the drop: the lost AAAA (5 s) + one stall (5 s)
+        assert time.time() - t0 < 25
+    else:
+        time.sleep(0)
+    assert rep["verdict"]["code"] == verdict, rep["verdict"]
+    assert rc == 1                                       # --fail-on sticky
+    assert rep["glibc"]["sticky_field"] == ("options" if release == "bullseye" else "_flags")
+    assert rep["glibc"]["affected_30081"] is (release == "bullseye")
+    assert rep["symbols"]["verified"] is True
+    for key in ("target", "glibc", "symbols", "events", "threads", "stalls", "verdict"):
+        assert key in rep
+    kinds = {e["kind"] for e in rep["events"]}
+    assert "sticky_engaged" in kinds
+    assert ("stall" in kinds) == (release == "bullseye")
+    main = [t for t in rep["threads"] if t["lwp"] == lab.pid][0]
+    assert main["lwp_target"] == 1 and main["sticky"]    # PID 1 inside its namespace
+    assert rep["target"]["nspid"] == [lab.pid, 1]
+    assert diff_code(lab.pid, ("libc", "libresolv", "libnss_dns")) == []
+
+
+def test_healthy(lab_factory, tmp_path):
+    lab = lab_factory(release="bullseye", workload="redis", fault="none")
+    out = tmp_path / "rep.json"
+    r = Runner(lab.pid, "--duration", "6", "--json", out, "--fail-on", "stall")
+    rc = r.finish(90)
+    assert rc == 0, r.text
+    rep = json.loads(out.read_text())
+    assert rep["verdict"]["code"] == "HEALTHY"
+    assert rep["verdict"]["remediation"] == []
+    assert any(e["kind"] == "send_dg_enter" for e in rep["events"])
+
+
+def _refused(pid, *extra, user=None):
+    argv = GD + ["attach", str(pid), "--duration", "5", *extra]
+    if user:
+        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups",
+                "--inh-caps=-all", "--bounding-set=-all"] + argv
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    lines = r.stderr.strip().splitlines()
+    return r.returncode, lines
+
+
+def test_refusals_have_one_line_causes_and_no_side_effect(tmp_path):
+    # missing
+    rc, lines = _refused(4194300)
+    assert rc == 3 and len(lines) == 1 and "no process 4194300" in lines[0]
+    # zombie: a child that exited and was not reaped
+    z = subprocess.Popen([sys.executable, "-c",
+                          "import os,time\npid=os.fork()\nif pid==0: os._exit(0)\n"
+                          "print(pid, flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        zpid = int(z.stdout.readline())
+        time.sleep(0.3)
+        rc, lines = _refused(zpid)
+        assert rc == 3 and len(lines) == 1 and "zombie" in lines[0]
+    finally:
+        z.kill()
+        z.wait()
+    # already traced: strace holds it
+    s = subprocess.Popen(["sleep", "60"])
+    st = subprocess.Popen(["strace", "-p", str(s.pid), "-o", "/dev/null"], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not tracer_of(s.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        rc, lines = _refused(s.pid)
+        assert rc == 3 and len(lines) == 1 and "already traced by PID" in lines[0] and "strace" in lines[0]
+        assert tracer_of(s.pid) == st.pid                  # untouched
+    finally:
+        st.terminate()
+        st.wait()
+        s.kill()
+        s.wait()
+    # no ptrace permission: an unprivileged user against a root process
+    s = subprocess.Popen(["sleep", "60"])
+    try:
+        rc, lines = _refused(s.pid, user=65534)
+        assert rc == 3 and len(lines) == 1 and "CAP_SYS_PTRACE" in lines[0], lines
+        assert tracer_of(s.pid) == 0
+    finally:
+        s.kill()
+        s.wait()
+    # not glibc: a static binary
+    src = tmp_path / "static.c"
+    src.write_text("#include <unistd.h>\nint main(void){ sleep(60); return 0; }\n")
+    exe = tmp_path / "static"
+    subprocess.run(["gcc", "-static", "-O1", "-o", str(exe), str(src)], check=True)
+    s = subprocess.Popen([str(exe)])
+    try:
+        time.sleep(0.2)
+        rc, lines = _refused(s.pid)
+        assert rc == 3 and len(lines) == 1 and "does not map glibc" in lines[0]
+        assert tracer_of(s.pid) == 0
+    finally:
+        s.kill()
+        s.wait()
+    # usage errors: exit 2
+    r = subprocess.run(GD + ["attach", "notapid"], capture_output=True, text=True)
+    assert r.returncode == 2
