@@ -154,6 +154,8 @@ class Detector:
         return []
 
     def _on_poll_enter(self, th, ev):
+        if ev.get("stack"):
+            th.stack = list(ev.get("stack"))
         sh = th.shadow
         th.poll_t, th.poll_doomed = ev.t, None
         th.poll_timeout_ms = ev.get("timeout_ms")
@@ -229,6 +231,19 @@ class Detector:
 
     def _on_flag_write(self, th, ev):
         sh = th.shadow
+        if sh is None and ev.get("q1"):
+            # not traced since send_dg's entry (lean mode): the queries were read here,
+            # the answers from recvresp1/2's home slots
+            sh = th.shadow = SendDgShadow.enter(ev.get("before") if ev.get("field") == "options" else th.options,
+                                                ev.get("before") if ev.get("field") == "_flags" else th.flags,
+                                                _q(ev.get("q1")), _q(ev.get("q2")),
+                                                self.accepts_header_only)
+            for q in sh.queries:
+                q.sent = True
+            if ev.get("recvresp1"):
+                sh.queries[0].answered = True
+            if ev.get("recvresp2") and len(sh.queries) > 1:
+                sh.queries[1].answered = True
         lost = None
         pend = self._pending_lost
         if pend and pend[0] == th.lwp:

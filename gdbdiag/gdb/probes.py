@@ -56,10 +56,18 @@ def _ev(kind, data, prov):
 
 
 def _query(addr, length):
-    if not addr or not length or length < 12:
+    if not addr:
         return None
-    raw = T.mem(addr, min(int(length), 512))
+    n = int(length) if length and 12 <= int(length) <= 512 else 512
+    raw = T.mem(addr, n)
     qname, qtype = parse_question(raw)
+    if qname is None and n < 512:
+        # a length DWARF recovered from the caller (entry_value) can be stale here; the
+        # question itself tells where it ends
+        try:
+            qname, qtype = parse_question(T.mem(addr, 512))
+        except gdb.MemoryError:
+            pass
     hdr = parse_dns_header(raw)
     return {"id": hdr["id"] if hdr else None, "qname": qname, "qtype": qtype}
 
@@ -112,7 +120,7 @@ def read_send_dg_enter(offsets):
     return reader
 
 
-def read_poll_call(site):
+def read_poll_call(site, with_stack=False):
     def reader(probe):
         pfd = T.reg("rdi")
         raw = T.mem(pfd, 8)
@@ -123,6 +131,8 @@ def read_poll_call(site):
                 "nfds": T.sreg32("rsi"), "timeout_ms": T.sreg32("rdx"), "pfd": pfd}
         prov = {"fd": "memory", "events": "memory", "nfds": "register",
                 "timeout_ms": "register", "pfd": "register", "site": "probe"}
+        if with_stack:               # lean: no getaddrinfo probe; the stack from here
+            data["stack"], prov["stack"] = T.app_stack(24), "memory"
         return _ev(E.POLL_ENTER, data, prov)
     return reader
 
@@ -177,10 +187,11 @@ def read_recvfrom_return(probe):
     return _ev(E.RECVFROM_RETURN, data, prov)
 
 
-def read_flag_write(write, offsets):
+def read_flag_write(write, offsets, homes=None):
     field_off = offsets[write["field"]]
     bit = 0x00200000 if write["flag"].endswith("SNGLKUP") else 0x00400000
     basereg = write["base_reg"].lstrip("%")
+    homes = homes or {}
 
     def reader(probe):
         statp = T.reg(basereg)
@@ -189,6 +200,18 @@ def read_flag_write(write, offsets):
                 "before": before, "value": before | bit, "statp": statp}
         prov = {"field": "probe", "bit": "probe", "before": "memory", "value": "inferred",
                 "statp": "register"}
+        # the queries of this send_dg call (DWARF has buf/buf2 at every PC) and which
+        # answer had come: recvresp1/2 are <optimized out>; their home slots are an
+        # inference from the location lists, and labelled so
+        b, bl, b2, bl2 = (T.read_var(v) for v in ("buf", "buflen", "buf2", "buflen2"))
+        if b and bl:
+            data["q1"], prov["q1"] = _query(b, bl), "dwarf"
+            if b2 and bl2:
+                data["q2"], prov["q2"] = _query(b2, bl2), "dwarf"
+        for var in ("recvresp1", "recvresp2"):
+            home = homes.get(var)
+            if home and home[0] == "slot":
+                data[var], prov[var] = T.i32(T.reg("rsp") + home[1]), "inferred"
         return _ev(E.FLAG_WRITE, data, prov)
     return reader
 
@@ -214,20 +237,54 @@ def chain_addresses(name):
     return [int(v.cast(gdb.lookup_type("unsigned long")))]
 
 
-def arm(session, analysis, offsets, thread=None, chain=True, lean=False):
-    """Create every probe; returns the list. ``analysis`` is analysis.analyse()'s result."""
+def thread_is_sticky(offsets) -> bool:
+    """The selected thread's statp has a single-request bit (options or _flags)."""
+    statp = T.read_var("statp")
+    if not statp:
+        return True                      # cannot tell here: let the probe record it
+    opts = T.u64(statp + offsets["options"])
+    flags = T.u32(statp + offsets["_flags"]) if "_flags" in offsets else 0
+    return bool((opts | flags) & 0x600000)
+
+
+class StickyProbe(Probe):
+    """Lean mode: a probe that only reports for threads already in single-request mode."""
+
+    def stop(self):
+        try:
+            if not thread_is_sticky(self.session.offsets):
+                return False
+        except Exception as exc:
+            self.session.probe_error(self, exc)
+            return False
+        return super().stop()
+
+
+def arm(session, analysis, offsets, thread=None, chain=True, lean=False, part="all"):
+    """Create probes; returns the list. ``analysis`` is analysis.analyse()'s result.
+
+    Default: the chain, send_dg's entry, call and return sites, flag writes, returns.
+    Lean (``part``): "flags" arms only the instructions that set the sticky bit — a
+    healthy process never stops; "sticky" arms the send_dg probes that follow a sticky
+    thread's lookups (other threads pass them after a two-word read). The session arms
+    "sticky" once a thread is or becomes sticky. No chain probes in lean mode: the
+    application stack is read at the poll instead."""
     probes = []
+    cls = StickyProbe if lean else Probe
 
-    def add(pc, kind, reader, label):
-        probes.append(Probe(session, pc, kind, reader, label, thread))
+    def add(pc, kind, reader, label, klass=None):
+        probes.append((klass or cls)(session, pc, kind, reader, label, thread))
 
+    if part in ("all", "flags"):
+        for w in analysis["flag_writes"]:
+            add(w["pc"], E.FLAG_WRITE, read_flag_write(w, offsets, analysis.get("home_locations")),
+                "send_dg: statp->%s |= %s" % (w["field"], w["flag"]), Probe)
+    if part == "flags":
+        return probes
     if chain and not lean:
         for name, fields in CHAIN:
             for pc in chain_addresses(name):
                 add(pc, E.CHAIN, read_chain(name, fields), name)
-    elif chain:
-        for pc in chain_addresses("getaddrinfo"):
-            add(pc, E.GAI_ENTER, read_chain("getaddrinfo", CHAIN[0][1]), "getaddrinfo")
     add(analysis["entry"], E.SEND_DG_ENTER, read_send_dg_enter(offsets), "send_dg")
     for c in analysis["calls"]:
         k = c["kind"]
@@ -235,7 +292,7 @@ def arm(session, analysis, offsets, thread=None, chain=True, lean=False):
             site = "wait" if c.get("timeout_arg") != "0" else "check"
             if lean and site == "check":
                 continue
-            add(c["pc"], E.POLL_ENTER, read_poll_call(site), "send_dg:poll(%s)" % site)
+            add(c["pc"], E.POLL_ENTER, read_poll_call(site, with_stack=lean), "send_dg:poll(%s)" % site)
             add(c["ret_pc"], E.POLL_RETURN, read_poll_return, "send_dg:poll(%s) returned" % site)
         elif k == "sendmmsg":
             add(c["ret_pc"], E.SENDMMSG_RETURN, read_sendmmsg_return, "send_dg:sendmmsg returned")
@@ -245,9 +302,7 @@ def arm(session, analysis, offsets, thread=None, chain=True, lean=False):
         elif k == "recvfrom":
             add(c["pc"], "recvfrom_call", read_recvfrom_call, "send_dg:recvfrom")
             add(c["ret_pc"], E.RECVFROM_RETURN, read_recvfrom_return, "send_dg:recvfrom returned")
-    for w in analysis["flag_writes"]:
-        add(w["pc"], E.FLAG_WRITE, read_flag_write(w, offsets),
-            "send_dg: statp->%s |= %s" % (w["field"], w["flag"]))
-    for pc in analysis.get("returns", []):
-        add(pc, E.SEND_DG_RETURN, read_send_dg_return, "send_dg returns")
+    if not lean:
+        for pc in analysis.get("returns", []):
+            add(pc, E.SEND_DG_RETURN, read_send_dg_return, "send_dg returns")
     return probes

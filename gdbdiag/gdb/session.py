@@ -44,6 +44,13 @@ class TraceSession:
         self._objfile_hook = None
         self.filtered = set()
         self.armed_at = None
+        self.escalated = False
+        self._escalate_pending = False
+        self._gthread = None
+        self._stop_hook = None
+        if lean:
+            self._stop_hook = self._on_stop
+            gdb.events.stop.connect(self._stop_hook)
 
     # -- set-up -----------------------------------------------------------------------
     def start(self):
@@ -84,8 +91,10 @@ class TraceSession:
                     gthread = th.global_num
             if gthread is None:
                 raise gdb.GdbError("no thread %s in this inferior" % self.thread)
+        self._gthread = gthread
         self.probes = P.arm(self, self.analysis, self.offsets, thread=gthread,
-                            chain=self.chain, lean=self.lean)
+                            chain=self.chain, lean=self.lean, part="flags" if self.lean else "all")
+        self.escalated = not self.lean
         self.armed_at = time.time()
         self.write_armed_file()
         # threads already sticky before this trace
@@ -98,11 +107,38 @@ class TraceSession:
             for f in self.detector.findings[-1:]:
                 if f.kind == E.STICKY_ENGAGED and f.lwp == row["lwp"] and f.t == ev.t:
                     self.say(render.finding_line(f, self.t0, row["name"]))
+        if self.lean and any(t.sticky for t in self.detector.threads.values()):
+            self.escalate()
         self.say("armed %d probes in send_dg (%s) and the chain; bug 30081 in this build: %s "
                  "(from the code); sticky bit in %s"
                  % (len(self.probes), self.analysis.get("objfile"), self.build["bug30081"],
                     self.build["sticky_field"]))
         return True
+
+    def escalate(self):
+        """Lean mode: a thread is sticky, follow sticky threads' lookups from now on.
+        Called while the target is stopped (breakpoints can be inserted)."""
+        if self.escalated:
+            return
+        self.escalated = True
+        self.probes += P.arm(self, self.analysis, self.offsets, thread=self._gthread,
+                             chain=False, lean=True, part="sticky")
+        self.write_armed_file()
+
+    def _on_stop(self, event):
+        if not self._escalate_pending:
+            return
+        self._escalate_pending = False
+        try:
+            self.escalate()
+        finally:
+            gdb.post_event(self._resume)
+
+    def _resume(self):
+        try:
+            gdb.execute("continue &")
+        except gdb.error as exc:
+            self.errors.append("resume after arming: %s" % exc)
 
     def write_armed_file(self):
         path = os.environ.get(STATE_FILE_ENV)
@@ -116,6 +152,9 @@ class TraceSession:
         os.replace(tmp, path)
 
     def stop(self):
+        if self._stop_hook is not None:
+            gdb.events.stop.disconnect(self._stop_hook)
+            self._stop_hook = None
         if self._objfile_hook is not None:
             gdb.events.new_objfile.disconnect(self._objfile_hook)
             self._objfile_hook = None
@@ -167,6 +206,10 @@ class TraceSession:
             if self._record:
                 self._record.write(json.dumps(dict(f.to_json(), finding=True), sort_keys=True) + "\n")
             self.say(render.finding_line(f, self.t0, name))
+        if ev.kind == E.FLAG_WRITE and not self.escalated:
+            # lean: stop just long enough to arm the sticky-thread probes (see _on_stop)
+            self._escalate_pending = True
+            return True
         if self.step or self._step_log:
             text = "-- %s  (%s)\n%s" % (probe.label, render.who(lwp, name),
                                         render.dump_table(self.detector.dump(ev)))
