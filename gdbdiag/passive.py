@@ -644,7 +644,14 @@ class PassiveSampler:
         if not os.path.isdir(f"/proc/{self.pid}"):
             raise PassiveError(f"no such process: {self.pid}")
         self.mem = ProcMem(self.pid)
-        self.layout = locate(self.pid, self.mem, cache_dir, glibc_version)
+        try:
+            self.layout = locate(self.pid, self.mem, cache_dir, glibc_version)
+        except (OSError, ELFError, DWARFError) as e:
+            self.mem.close()
+            raise PassiveError(f"cannot locate the resolver state of {self.pid}: {e}") from None
+        except BaseException:
+            self.mem.close()
+            raise
         self._nsmap: dict[int, int] = {}        # ns tid -> host tid
         self._host_ns: dict[int, int] = {}      # host tid -> ns tid
         self._frame_cache: dict[tuple, bool | None] = {}
@@ -804,13 +811,15 @@ class PassiveSampler:
         if not tids:
             return []
         self._refresh_nsmap(tids)
-        # libresolv (2.31) appears at the first lookup: look again now and then
-        if not lay.send_dg and time.monotonic() - self._relocated_at > 1.0:
+        # glibc < 2.34 maps libresolv (send_dg) at the first lookup: look again then
+        if (lay.send_dg_object is None and "libresolv" not in lay.objects
+                and time.monotonic() - self._relocated_at > 1.0):
             self._relocated_at = time.monotonic()
             try:
-                self.layout = lay = locate(self.pid, self.mem, self.cache_dir, lay.glibc_version)
-            except PassiveError:
-                return []
+                if any(_ROLE_RE["libresolv"].match(os.path.basename(m.path)) for m in _maps(self.pid)):
+                    self.layout = lay = locate(self.pid, self.mem, self.cache_dir, lay.glibc_version)
+            except (PassiveError, OSError, ELFError, DWARFError):
+                pass
         by_tid: dict[int, dict] = {}
         for pd, ns in self._walk():
             host = self._nsmap.get(ns) if ns is not None else None
@@ -860,15 +869,18 @@ class PassiveSampler:
 
     # -- a timed run -------------------------------------------------------------------------
     def run(self, duration: float, on_event: Callable[[Event], None] | None = None,
-            on_sample: Callable[[list[ThreadSample]], None] | None = None) -> dict:
-        """Sample for ``duration`` seconds (or until the process ends); findings go to
-        ``on_event`` as they happen.  Returns {threads, events, samples, overhead, layout}."""
+            on_sample: Callable[[list[ThreadSample]], None] | None = None,
+            until: Callable[[], bool] | None = None) -> dict:
+        """Sample for ``duration`` seconds, or until the process ends, or until ``until()``
+        is true (checked after each sample).  Findings go to ``on_event`` as they happen,
+        each snapshot to ``on_sample``.  Returns {threads (summaries), events (core
+        :class:`Event` objects), samples, overhead, layout, mode, affected}."""
         states: dict[int, _TState] = {}
         events: list[Event] = []
         start_samples, start_secs = self.samples, self.sampling_seconds
         t_end = time.monotonic() + duration
         prev_t: float | None = None
-        stopped_seen: list[str] = []
+        reads0, failed0 = self.mem.reads, self.mem.failed
 
         def emit(ev: Event):
             events.append(ev)
@@ -896,11 +908,11 @@ class PassiveSampler:
                 if tid not in seen and not st.gone:
                     st.gone = True
                     if st.poll is not None:
-                        self._end_poll(st, st.poll.last_t if prev_t is None else t, emit, ended_by="thread exit")
+                        self._end_poll(st, t, emit, ended_by="thread exit")
             if on_sample is not None:
                 on_sample(snap)
             prev_t = t
-            if time.monotonic() >= t_end:
+            if time.monotonic() >= t_end or (until is not None and until()):
                 break
             time.sleep(max(0.0, self.interval - (time.monotonic() - tick)))
         threads = []
@@ -913,13 +925,14 @@ class PassiveSampler:
             threads.append(d)
         n = self.samples - start_samples
         secs = self.sampling_seconds - start_secs
-        return {"threads": threads, "events": [e.to_json() for e in events], "samples": n,
+        return {"threads": threads, "events": events, "samples": n,
                 "overhead": {"seconds_in_sampling": round(secs, 4),
                              "per_sample_ms": round(secs / n * 1000.0, 3) if n else None,
-                             "memory_reads": self.mem.reads, "failed_reads": self.mem.failed,
+                             "memory_reads": self.mem.reads - reads0,
+                             "failed_reads": self.mem.failed - failed0,
                              "interval": self.interval},
                 "layout": self.layout.to_dict(), "mode": "passive",
-                "affected": self.affected, "finding_objects": events}
+                "affected": self.affected}
 
     # -- per-thread logic (pure given samples) -----------------------------------------------
     def _track_sticky(self, st: _TState, s: ThreadSample, prev_t, emit):
@@ -1072,7 +1085,7 @@ def main(argv=None) -> int:
                   + ", ".join(f"{k}={v}" for k, v in ev.data.items()
                               if v not in (None, [], "") and k not in ("thread_name",)), flush=True)
         res = smp.run(a.duration, on_event=show)
-    res.pop("finding_objects", None)
+    res["events"] = [e.to_json() for e in res["events"]]
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1, default=str)

@@ -203,7 +203,7 @@ def read_flag_write(write, offsets, homes=None):
         # the queries of this send_dg call (DWARF has buf/buf2 at every PC) and which
         # answer had come: recvresp1/2 are <optimized out>; their home slots are an
         # inference from the location lists, and labelled so
-        b, bl, b2, bl2 = (T.read_var(v) for v in ("buf", "buflen", "buf2", "buflen2"))
+        b, bl, b2, bl2 = (T.read_param_at_entry(v) for v in ("buf", "buflen", "buf2", "buflen2"))
         if b and bl:
             data["q1"], prov["q1"] = _query(b, bl), "dwarf"
             if b2 and bl2:

@@ -77,6 +77,21 @@ def read_var(name: str):
         return None
 
 
+def read_param_at_entry(name: str):
+    """A parameter's value at function entry (DWARF entry value, from the caller's
+    call-site information): right for parameters the function never assigns, even
+    where the location list of the variable itself is wrong (seen: send_dg's buf2 at
+    the sticky-flag write in Debian 2.31)."""
+    try:
+        v = gdb.parse_and_eval("%s@entry" % name)
+        if v.is_optimized_out:
+            return None
+        return int(v.cast(gdb.lookup_type("unsigned long"))) if \
+            v.type.strip_typedefs().code == gdb.TYPE_CODE_PTR else int(v)
+    except (gdb.error, ValueError, TypeError):
+        return read_var(name)
+
+
 def app_stack(limit: int = 16) -> list:
     """Function names from the selected frame outwards (the application stack)."""
     out = []
