@@ -65,6 +65,8 @@ def add_parser(sub) -> None:
     p.add_argument("--fail-on", choices=("sticky", "stall"),
                    help="exit 1 if a thread is sticky / a stall was seen")
     p.add_argument("--lean", action="store_true", help="fewest probes (see README)")
+    p.add_argument("--no-source", action="store_true",
+                   help="do not fetch or show glibc's source (Debian's source package)")
     p.add_argument("--quiet", action="store_true", help="only the report")
     p.set_defaults(func=run)
 
@@ -158,7 +160,11 @@ def run(args) -> int:
                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True,
                                env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+        if not args.no_source:
+            _prefetch_source(pid, args.quiet)
         opts = " --lean" if args.lean else ""
+        if args.no_source:
+            opts += " --no-source"
         if args.step_log:
             opts += f" --step-log {args.step_log}"
         out = g.cmd(f"resolv trace --record {stream}{opts}")
@@ -248,6 +254,19 @@ def run(args) -> int:
     if args.fail_on == "stall" and code in ("STICKY_STALLING", "STALLING_NOT_STICKY"):
         return EXIT_FAIL_ON
     return EXIT_OK
+
+
+def _prefetch_source(pid: int, quiet: bool) -> None:
+    """Fetch and verify glibc's Debian source for this build on the host side, so the
+    plugin finds it in the cache. A failure only means no source lines in the output."""
+    try:
+        from .symbols import glibcsrc, identify
+        ident = identify.identify_process(pid)
+        if ident.package_version and glibcsrc.load_cached(ident.package_version) is None:
+            glibcsrc.fetch_source(ident.package_version)
+    except Exception as exc:
+        if not quiet:
+            _say(f"gdbdiag: source: {getattr(exc, 'reason', None) or exc} (continuing without)")
 
 
 def _rebuild(stream: Path, pid: int, armed_line: str, why: str, workdir: Path) -> dict:

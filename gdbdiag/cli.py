@@ -18,8 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     from .lab import cli as lab_cli
     from .symbols import cli as symbols_cli
-    from . import attach, pod, replay
+    from . import attach, bench, pod, replay
     attach.add_parser(sub)
+    bench.add_parser(sub)
     pod.add_parser(sub)
     lab_cli.add_parser(sub)
     symbols_cli.add_parser(sub)

@@ -46,7 +46,7 @@ class Gdb:
                 "-iex", "set confirm off", "-iex", f"set prompt {PROMPT}"]
         for c in setup or []:
             argv += ["-iex", c]
-        argv += ["-ex", f"source {LOADER}"]
+        argv += ["-ex", f"source {LOADER}", "-ex", "set resolv color off"]
         e = dict(os.environ)
         if env:
             e.update(env)

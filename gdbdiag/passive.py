@@ -237,7 +237,7 @@ def _open_obj(pid: int, role: str, maps: list[_Mapping]) -> _Obj | None:
                 o.bias = m.start
         with open(host, "rb") as f:
             o.build_id = elf_facts(f).build_id
-    except (OSError, ELFError, ValueError):
+    except Exception:   # the target's files are foreign input: any parse failure = not usable
         return None
     return o
 
@@ -509,8 +509,11 @@ def locate(pid: int, mem: ProcMem, cache_dir: str | None = None,
                          "_rtld_global): only the initial thread's _res is read")
 
     # -- send_dg and struct __res_state from the verified debug file ---------------------------
-    holder = objs["libresolv"] if ("_thread_db_rtld_global__dl_stack_used" not in ls) else libc
-    if holder is None and "_thread_db_rtld_global__dl_stack_used" not in ls:
+    from .symbols.identify import version_tuple
+    vt = version_tuple(lay.glibc_version)
+    merged = vt >= (2, 34) if vt else "_thread_db_rtld_global__dl_stack_used" in ls
+    holder = libc if merged else objs["libresolv"]     # the resolver moved into libc in 2.34
+    if holder is None:
         lay.notes.append("libresolv.so.2 not loaded yet (glibc < 2.34 loads it at the first "
                          "lookup): send_dg frame check unavailable until then")
     if holder is not None:
@@ -646,9 +649,10 @@ class PassiveSampler:
         self.mem = ProcMem(self.pid)
         try:
             self.layout = locate(self.pid, self.mem, cache_dir, glibc_version)
-        except (OSError, ELFError, DWARFError) as e:
+        except (OSError, ELFError, DWARFError, ValueError, KeyError, IndexError, struct.error) as e:
             self.mem.close()
-            raise PassiveError(f"cannot locate the resolver state of {self.pid}: {e}") from None
+            raise PassiveError(f"cannot locate the resolver state of {self.pid}: "
+                               f"{type(e).__name__}: {e}") from None
         except BaseException:
             self.mem.close()
             raise
@@ -862,8 +866,8 @@ class PassiveSampler:
                         p["sp"] = sc["sp"]
                 if p is not None:
                     s.poll = p
-            if not s.in_resolver_poll and lay.send_dg:
-                s.frame_confirmed = False if s.poll is None else s.frame_confirmed
+            if not s.in_resolver_poll:
+                s.frame_confirmed = False if lay.send_dg else None
             out.append(s)
         return out
 

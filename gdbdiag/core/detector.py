@@ -282,7 +282,8 @@ class Detector:
                                                ("thread", f"{th.lwp} {th.name or ''}".strip(), "register")]
         if th.last_query:
             rows.append(("query", th.last_query, E.INFERRED))
-        for key in ("fd", "events", "revents", "timeout_ms", "n", "id", "rcode", "qdcount"):
+        for key in ("name", "domain", "type", "fd", "events", "revents", "timeout_ms", "n", "id",
+                    "rcode", "qdcount"):
             if key in ev.data:
                 val = ev.data[key]
                 if key in ("events", "revents") and isinstance(val, int):

@@ -95,6 +95,14 @@ def report_text(rep: dict) -> str:
     for st in stacks:
         out.append("== blocked application stack (innermost first)")
         out.extend(f"   #{i:<2} {fn}" for i, fn in enumerate(st))
+    for kind, title in (("sticky_engaged", "where the thread switched"),
+                        ("doomed_poll", "where it waits for the answer that cannot come")):
+        ev = next((e for e in rep.get("events", []) if e["kind"] == kind
+                   and (e.get("source") or {}).get("text")), None)
+        if ev:
+            src = ev["source"]
+            out.append(f"== {title}: glibc {src['file']}:{src['line']}")
+            out.append(src["text"])
     v = rep["verdict"]
     out.append(f"== verdict: {v['code']} — {v['summary']}")
     for r in v.get("remediation", []):

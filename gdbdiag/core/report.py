@@ -26,7 +26,7 @@ def _event_row(ev: E.Event, names: dict) -> dict:
     for k in ("recvresp1", "recvresp2", "nwritten", "single_request", "single_request_reopen",
               "predicted_ms", "measured_ms", "cause", "reason", "field", "lost_qname",
               "lost_qtype", "waiting_for", "error_rcode", "n", "id", "options", "flags",
-              "function", "name", "domain", "stack", "waited_ms", "how", "lookup"):
+              "function", "name", "domain", "stack", "waited_ms", "how", "lookup", "source"):
         if k in d and d[k] is not None:
             row[k] = d[k]
     row["provenance"] = dict(ev.prov)

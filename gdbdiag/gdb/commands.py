@@ -152,6 +152,8 @@ class ResolvTrace(ResolvCommand):
         p.add_argument("--lean", action="store_true", help="fewest stops: no chain, no check polls")
         p.add_argument("--record", metavar="FILE", help="write every event as JSON lines")
         p.add_argument("--verbose", action="store_true", help="print every observation")
+        p.add_argument("--no-source", action="store_true",
+                       help="do not fetch/show glibc's source at each step")
         p.add_argument("--step-log", metavar="FILE",
                        help="write every step's dump to FILE without stopping (batch runs)")
 
@@ -163,7 +165,9 @@ class ResolvTrace(ResolvCommand):
         names = args.names or (gdb.parameter("resolv names") or None)
         sess = S.TraceSession(step=step, thread=args.thread, names=names, lean=args.lean,
                               record=args.record, step_log=args.step_log,
+                              source=not args.no_source,
                               verbose=args.verbose or bool(gdb.parameter("resolv verbose")))
+        sess.color = bool(gdb.parameter("resolv color"))
         S.TraceSession.current = sess
         sess.start()
 

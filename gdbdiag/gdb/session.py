@@ -27,7 +27,7 @@ class TraceSession:
     current = None
 
     def __init__(self, step=False, thread=None, names=None, lean=False, record=None,
-                 chain=True, verbose=False, echo=True, step_log=None):
+                 chain=True, verbose=False, echo=True, step_log=None, source=True):
         self.step, self.thread, self.names, self.lean = step, thread, names, lean
         self.chain, self.verbose, self.echo = chain, verbose, echo
         self.t0 = time.time()
@@ -45,6 +45,10 @@ class TraceSession:
         self.filtered = set()
         self.armed_at = None
         self.escalated = False
+        self.want_source = source
+        self.source_tree = None
+        self.source_note = None
+        self.color = True
         self._escalate_pending = False
         self._gthread = None
         self._stop_hook = None
@@ -81,6 +85,8 @@ class TraceSession:
         self.offsets = A.struct_offsets("struct __res_state",
                                         ("options", "_flags", "retrans", "retry", "nscount", "pfcode"))
         self.build = build_facts(self.analysis)
+        if self.want_source:
+            self._load_source()
         self.detector = Detector(accepts_header_only=self.build["bug31890_fixed"],
                                  resolv_conf_single_request=resolv_conf_single_request(),
                                  flag_probe=True, sticky_field=self.build["sticky_field"])
@@ -114,6 +120,43 @@ class TraceSession:
                  % (len(self.probes), self.analysis.get("objfile"), self.build["bug30081"],
                     self.build["sticky_field"]))
         return True
+
+    def _load_source(self):
+        """Debian's glibc source for this very build (cache first; fetched and verified
+        like the symbols otherwise). Without it the dumps simply show no source."""
+        try:
+            from ..symbols import glibcsrc, identify
+            ident = identify.identify_process(gdb.selected_inferior().pid)
+            ver = ident.package_version
+            if not ver:
+                self.source_note = "no package version for this glibc: no source"
+                return
+            tree = glibcsrc.load_cached(ver)
+            if tree is None:
+                tree = glibcsrc.fetch_source(ver)
+            self.source_tree = tree
+        except Exception as exc:        # source is a nicety: never fail the trace for it
+            self.source_note = "source: %s" % (getattr(exc, "reason", None) or exc)
+            self.say(self.source_note)
+
+    def source_at(self, pc, context=3, color=None):
+        """(file, line, text) of the glibc source at pc, mapped through DWARF's line table."""
+        sal = gdb.find_pc_line(pc)
+        if sal is None or sal.symtab is None or not sal.line:
+            return None
+        fname = sal.symtab.filename
+        text = None
+        if self.source_tree is not None:
+            from ..symbols.glibcsrc import highlight
+            lines = self.source_tree.lines(fname, sal.line, context)
+            if not lines:
+                try:     # comp_dir + filename, e.g. /build/glibc-X/resolv/nss_dns/dns-host.c
+                    lines = self.source_tree.lines(sal.symtab.fullname(), sal.line, context)
+                except (gdb.error, RuntimeError):
+                    lines = []
+            if lines:
+                text = highlight(lines, sal.line, self.color if color is None else color)
+        return {"file": fname, "line": sal.line, "text": text}
 
     def escalate(self):
         """Lean mode: a thread is sticky, follow sticky threads' lookups from now on.
@@ -203,6 +246,10 @@ class TraceSession:
         found = self.detector.feed(ev)
         name = self.detector.thread(lwp).name
         for f in found:
+            if f.pc is not None and f.kind in (E.STICKY_ENGAGED, E.DOOMED_POLL):
+                src = self.source_at(f.pc, color=False)
+                if src:
+                    f.data["source"] = src
             if self._record:
                 self._record.write(json.dumps(dict(f.to_json(), finding=True), sort_keys=True) + "\n")
             self.say(render.finding_line(f, self.t0, name))
@@ -213,6 +260,11 @@ class TraceSession:
         if self.step or self._step_log:
             text = "-- %s  (%s)\n%s" % (probe.label, render.who(lwp, name),
                                         render.dump_table(self.detector.dump(ev)))
+            src = self.source_at(probe.pc, color=self.color and self.step)
+            if src:
+                text += "\n%s:%d\n%s" % (src["file"], src["line"], src["text"] or
+                                          "(source not available%s)" % (
+                                              ": " + self.source_note if self.source_note else ""))
             if self._step_log:
                 self._step_log.write("%.6f %s\n\n" % (ev.t, text))
                 self._step_log.flush()

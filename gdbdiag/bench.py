@@ -1,0 +1,337 @@
+"""`gdbdiag bench` — the cost to the target and the time to a diagnosis, measured.
+
+Everything is a ratio against the unarmed target in the same run, with the modes
+interleaved round by round so machine drift cancels. Lab containers only; nothing here
+asserts a timing: the figures are printed and written as JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from tabulate import tabulate
+
+from .errors import EXIT_OK
+from .lab import container
+
+MODES = ("unarmed", "armed", "lean", "passive", "strace", "ebpf")
+RECORDS = ("keydb-0.keydb=A:10.244.1.9", "keydb-0.keydb=AAAA:fd00::9")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="measure overhead and time to diagnosis on lab containers",
+                       description=__doc__)
+    p.add_argument("--json", metavar="FILE")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--phase-seconds", type=float, default=4.0)
+    p.add_argument("--release", default="bullseye")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: "
+                   "latency,throughput,attach,detect")
+    p.set_defaults(func=run)
+
+
+# -- tools in each mode -------------------------------------------------------------
+class Tool:
+    """One mode's instrument around a target PID: start(), ready, stop()."""
+
+    def __init__(self, mode: str, pid: int, on_line=None):
+        self.mode, self.pid, self.on_line = mode, pid, on_line or (lambda line, t: None)
+        self.proc = None
+        self.gdb = None
+        self.passive = None
+        self._thread = None
+        self._stop = threading.Event()
+        self.events = []
+
+    def start(self) -> None:
+        m = self.mode
+        if m in ("armed", "lean"):
+            from .gdbdrive import Gdb, setup_commands
+            cmds, _ = setup_commands(self.pid, offline=True)
+            self.gdb = Gdb(self.pid, cmds)
+            self.gdb.cmd("resolv trace" + (" --lean" if m == "lean" else ""))
+            self.gdb.cont()
+            self._thread = threading.Thread(target=self._pump_gdb, daemon=True)
+            self._thread.start()
+        elif m == "passive":
+            from .passive import PassiveSampler
+            self.passive = PassiveSampler(self.pid, interval=0.05, affected=True)
+            self._thread = threading.Thread(target=self._run_passive, daemon=True)
+            self._thread.start()
+        elif m == "strace":
+            self.proc = subprocess.Popen(["strace", "-f", "-qq", "-e", "trace=%network,poll",
+                                          "-o", "/dev/null", "-p", str(self.pid)],
+                                         stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         start_new_session=True)
+            time.sleep(1.0)
+        elif m == "ebpf":
+            libc = _libc_path(self.pid)
+            prog = (f'uprobe:{libc}:getaddrinfo /pid == {self.pid}/ {{ @s[tid] = nsecs; }} '
+                    f'uretprobe:{libc}:getaddrinfo /@s[tid]/ {{ @us = hist((nsecs - @s[tid]) / 1000); '
+                    f'delete(@s[tid]); }}')
+            self.proc = subprocess.Popen(["bpftrace", "-e", prog], stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                line = self.proc.stdout.readline()
+                if "Attaching" in line or not line:
+                    break
+            time.sleep(0.5)
+
+    def _pump_gdb(self):
+        seen = 0
+        while not self._stop.is_set():
+            try:
+                self.gdb.drain(0.2)
+            except OSError:
+                return
+            lines = [l for l in self.gdb.output.splitlines() if l.startswith("[gdbdiag]")]
+            for line in lines[seen:]:
+                self.on_line(line, time.time())
+            seen = len(lines)
+
+    def _run_passive(self):
+        def on_event(ev):
+            self.events.append(ev)
+            self.on_line(f"[gdbdiag] passive {ev.kind}", time.time())
+        deadline = time.monotonic() + 3600
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            self.passive.run(0.5, on_event=on_event)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        if self.gdb is not None:
+            self.gdb.close()
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGINT)
+                self.proc.wait(15)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _libc_path(pid: int) -> str:
+    with open(f"/proc/{pid}/maps") as fh:
+        for line in fh:
+            parts = line.split(None, 5)
+            if len(parts) == 6 and os.path.basename(parts[5].strip()).startswith("libc"):
+                return f"/proc/{pid}/root{parts[5].strip()}"
+    raise RuntimeError("libc not mapped")
+
+
+def _stats(xs: list[float]) -> dict:
+    if not xs:
+        return {"n": 0, "median_ms": None, "p99_ms": None}
+    q = statistics.quantiles(xs, n=100) if len(xs) >= 2 else [xs[0]] * 99
+    return {"n": len(xs), "median_ms": round(statistics.median(xs), 3), "p99_ms": round(q[98], 3)}
+
+
+# -- the parts ---------------------------------------------------------------------------
+def bench_latency(release, rounds, secs, log) -> dict:
+    """getaddrinfo latency per mode, from the resolver workload's own lookup log."""
+    name = f"bench-lat-{os.getpid() % 10000}"
+    lab = container.up(container.LabSpec(name=name, release=release, workload="resolver",
+                                         names=("keydb-0.keydb",), interval=0.02, fault="none",
+                                         records=RECORDS))
+    try:
+        _warm_symbols(lab.pid)
+        windows = {m: [] for m in MODES}
+        for r in range(rounds):
+            for m in MODES:
+                tool = Tool(m, lab.pid)
+                if m != "unarmed":
+                    tool.start()
+                t0 = time.time()
+                time.sleep(secs)
+                t1 = time.time()
+                tool.stop()
+                windows[m].append((t0, t1))
+                log(f"   round {r + 1} {m:8} {secs:.0f} s")
+        recs = lab.workload_records()
+        out = {}
+        for m, ws in windows.items():
+            xs = [rec["seconds"] * 1000 for rec in recs
+                  if any(a <= rec["t"] and rec["t"] + rec["seconds"] <= b for a, b in ws)]
+            out[m] = _stats(xs)
+        base = out["unarmed"]["median_ms"]
+        for m in MODES:
+            out[m]["ratio"] = round(out[m]["median_ms"] / base, 3) if base and out[m]["median_ms"] else None
+        return out
+    finally:
+        container.down(name)
+
+
+def bench_throughput(release, rounds, secs, log) -> dict:
+    name = f"bench-thr-{os.getpid() % 10000}"
+    lab = container.up(container.LabSpec(name=name, release=release, workload="redis",
+                                         fault="none", records=RECORDS))
+    try:
+        _warm_symbols(lab.pid)
+        counts = {m: [] for m in ("unarmed", "armed", "lean", "passive")}
+        for r in range(rounds):
+            for m in counts:
+                tool = Tool(m, lab.pid)
+                if m != "unarmed":
+                    tool.start()
+                recs = lab.probe(seconds=secs, interval=0.0)
+                tool.stop()
+                ok = [x for x in recs if "error" not in x]
+                counts[m].append(len(ok) / secs)
+                log(f"   round {r + 1} {m:8} {len(ok) / secs:8.0f} GET/s")
+        out = {m: {"gets_per_s": round(statistics.median(v), 1)} for m, v in counts.items()}
+        for m in out:
+            out[m]["ratio"] = round(out[m]["gets_per_s"] / out["unarmed"]["gets_per_s"], 3)
+        return out
+    finally:
+        container.down(name)
+
+
+def bench_attach(release, log) -> dict:
+    name = f"bench-att-{os.getpid() % 10000}"
+    lab = container.up(container.LabSpec(name=name, release=release, workload="redis", fault="none"))
+    try:
+        cold_dir = tempfile.mkdtemp(prefix="gdbdiag-cold-")
+        out = {}
+        for label, env in (("cold", {"GDBDIAG_CACHE": cold_dir}), ("warm", {})):
+            t0 = time.monotonic()
+            r = subprocess.run([sys.executable, "-m", "gdbdiag.cli", "attach", str(lab.pid),
+                                "--duration", "1"],
+                               capture_output=True, text=True, timeout=600,
+                               env=dict(os.environ, **env))
+            armed = [l for l in r.stdout.splitlines() if l.startswith("gdbdiag: armed in")]
+            out[f"attach_to_armed_{label}_s"] = float(armed[0].split()[3]) if armed else None
+            out[f"attach_total_{label}_s"] = round(time.monotonic() - t0, 2)
+            log(f"   attach -> armed, {label} cache: {out[f'attach_to_armed_{label}_s']} s")
+        shutil.rmtree(cold_dir, ignore_errors=True)
+        return out
+    finally:
+        container.down(name)
+
+
+def bench_detect(release, log) -> dict:
+    """Lost AAAA -> sticky_engaged report; doomed poll report -> its timeout, per mode."""
+    out = {}
+    for m in ("armed", "lean", "passive"):
+        name = f"bench-det-{m}-{os.getpid() % 10000}"
+        lab = container.up(container.LabSpec(name=name, release=release, workload="redis", fault="none"))
+        lines = []
+        try:
+            _warm_symbols(lab.pid)
+            tool = Tool(m, lab.pid, on_line=lambda line, t: lines.append((t, line)))
+            tool.start()
+            time.sleep(1.0)
+            lab.inject()
+            deadline = time.monotonic() + 40
+            while time.monotonic() < deadline:
+                if any("stall" in l.split(": ", 1)[0] for _, l in lines):
+                    break
+                time.sleep(0.2)
+            tool.stop()
+            drop = [r for r in lab.dns_records() if r["action"] == "dropped"]
+            sticky = [t for t, l in lines if "sticky_engaged" in l]
+            doomed = [t for t, l in lines if "doomed_poll" in l]
+            stalls = [t for t, l in lines if "stall" in l.split(": ", 1)[0]]
+            d = {}
+            if drop and sticky:
+                d["sticky_report_delay_ms"] = round((sticky[0] - drop[0]["t"]) * 1000, 1)
+                # the loss itself takes one resolver timeout (5 s) to be noticed by glibc
+                d["sticky_report_after_switch_ms"] = round(d["sticky_report_delay_ms"] - 5000, 1)
+            if doomed and stalls:
+                d["doomed_poll_report_lead_ms"] = round((stalls[0] - doomed[0]) * 1000, 1)
+            out[m] = d
+            log(f"   {m:8} {d}")
+        finally:
+            container.down(name)
+    return out
+
+
+def _warm_symbols(pid):
+    from .gdbdrive import setup_commands
+    setup_commands(pid)
+
+
+def machine() -> dict:
+    mem = 0
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) // 1024 // 1024
+    except OSError:
+        pass
+    cpu = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "mem_gib": mem, "cpu": cpu, "kernel": platform.release(),
+            "gdb": subprocess.run(["gdb", "--version"], capture_output=True, text=True).stdout.splitlines()[0]}
+
+
+def run(args) -> int:
+    log = lambda m: print(m, flush=True)
+    skip = set(filter(None, args.skip.split(",")))
+    res = {"machine": machine(), "release": args.release, "rounds": args.rounds,
+           "phase_seconds": args.phase_seconds}
+    if "latency" not in skip:
+        log("== getaddrinfo latency (resolver workload, healthy DNS, 8 queries per lookup)")
+        res["latency"] = bench_latency(args.release, args.rounds, args.phase_seconds, log)
+    if "throughput" not in skip:
+        log("== Redis GET throughput")
+        res["throughput"] = bench_throughput(args.release, args.rounds, args.phase_seconds, log)
+    if "attach" not in skip:
+        log("== attach -> armed")
+        res.update(bench_attach(args.release, log))
+    if "detect" not in skip:
+        log("== time to diagnosis")
+        res["detect"] = bench_detect(args.release, log)
+    lat = res.get("latency", {})
+    for m in ("armed", "lean", "passive", "strace", "ebpf"):
+        if m in lat:
+            res[f"overhead_ratio_{m}"] = lat[m].get("ratio")
+    det = res.get("detect", {})
+    for k in ("sticky_report_delay_ms", "doomed_poll_report_lead_ms"):
+        res[k] = {m: det[m].get(k) for m in det}
+    print(render(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    return EXIT_OK
+
+
+def render(res: dict) -> str:
+    out = []
+    lat = res.get("latency")
+    if lat:
+        rows = [[m, lat[m]["n"], lat[m]["median_ms"], lat[m]["p99_ms"], lat[m]["ratio"]] for m in MODES if m in lat]
+        out.append(tabulate(rows, headers=["getaddrinfo", "lookups", "median ms", "p99 ms", "ratio to unarmed"]))
+    thr = res.get("throughput")
+    if thr:
+        rows = [[m, v["gets_per_s"], v["ratio"]] for m, v in thr.items()]
+        out.append(tabulate(rows, headers=["redis GET", "GET/s", "ratio to unarmed"]))
+    if "attach_to_armed_warm_s" in res:
+        out.append(f"attach -> armed: warm cache {res['attach_to_armed_warm_s']} s, "
+                   f"cold cache {res['attach_to_armed_cold_s']} s")
+    det = res.get("detect")
+    if det:
+        rows = [[m, d.get("sticky_report_delay_ms"), d.get("sticky_report_after_switch_ms"),
+                 d.get("doomed_poll_report_lead_ms")] for m, d in det.items()]
+        out.append(tabulate(rows, headers=["mode", "lost AAAA -> sticky report ms",
+                                           "(minus the 5 s timeout)", "doomed poll reported ms before it ends"]))
+    m = res["machine"]
+    out.append(f"machine: {m['cpus']} cores, {m['mem_gib']} GiB, {m['cpu']}, kernel {m['kernel']}, {m['gdb']}")
+    return "\n\n".join(out)
