@@ -65,6 +65,14 @@ def add_parser(sub) -> None:
     p.add_argument("--fail-on", choices=("sticky", "stall"),
                    help="exit 1 if a thread is sticky / a stall was seen")
     p.add_argument("--lean", action="store_true", help="fewest probes (see README)")
+    p.add_argument("--full", action="store_true",
+                   help="every probe for every lookup from the start (costly)")
+    p.add_argument("--passive", action="store_true",
+                   help="never stop the target: sample each thread's _res and its syscall "
+                        "from /proc (no ptrace attach, no breakpoint)")
+    p.add_argument("--escalate", action="store_true",
+                   help="with --passive: once a thread is found sticky, arm the trace on that "
+                        "thread for the rest of the run")
     p.add_argument("--no-source", action="store_true",
                    help="do not fetch or show glibc's source (Debian's source package)")
     p.add_argument("--quiet", action="store_true", help="only the report")
@@ -73,6 +81,86 @@ def add_parser(sub) -> None:
 
 class _Stop(Exception):
     pass
+
+
+class _Passive(Exception):
+    def __init__(self, res):
+        super().__init__("passive run over")
+        self.res = res
+
+
+def _row(ev) -> dict:
+    d = dict(ev.data)
+    return {"t": ev.t, "lwp": ev.lwp, "thread": d.get("thread_name"), "kind": ev.kind,
+            "qname": d.get("qname"), "qtype": None, "rcode": None,
+            **{k: v for k, v in d.items() if k in ("predicted_ms", "measured_ms", "cause", "field",
+                                                    "timeout_ms", "frame_confirmed")},
+            "provenance": dict(ev.prov), "source_mode": "passive"}
+
+
+def _run_passive(pid, args, stop, deadline):
+    """Sample without stopping the target; returns (result, LWP of a sticky thread)."""
+    from .passive import PassiveError, PassiveSampler
+    from .symbols.facts import glibc_facts
+    affected = glibc_facts(pid).get("affected_30081")
+    try:
+        smp = PassiveSampler(pid, interval=0.05, affected=affected)
+    except PassiveError as exc:
+        raise GdbdiagError(f"passive: {exc}") from exc
+    events, suspect = [], None
+    t0 = time.time()
+    with smp:
+        if not args.quiet:
+            _say(f"gdbdiag: passive sampling of {pid} (no ptrace, no breakpoint); "
+                 f"bug 30081 in this build: {affected}")
+        kinds = set()
+
+        def on_event(ev):
+            nonlocal suspect
+            events.append(ev)
+            kinds.add(ev.kind)
+            if not args.quiet:
+                _say(render.finding_line(ev, t0, ev.get("thread_name")))
+            if ev.kind == "sticky_engaged" and suspect is None:
+                suspect = ev.lwp
+
+        def until():
+            return bool(stop["why"]) or (args.escalate and suspect is not None) or \
+                (args.until == "sticky" and "sticky_engaged" in kinds) or \
+                (args.until == "stall" and "stall" in kinds)
+
+        res = smp.run(max(0.1, deadline - time.monotonic()), on_event=on_event, until=until)
+    return res, suspect
+
+
+def _passive_report(pid, res, facts) -> dict:
+    from .symbols.facts import glibc_facts
+    det = Detector()
+    for t in res.get("threads", []):
+        th = det.thread(t.get("tid") or t.get("lwp"))
+        th.name = t.get("name")
+        th.options, th.flags = t.get("options"), t.get("flags")
+    for ev in res["events"]:
+        th = det.thread(ev.lwp)
+        if ev.kind == "sticky_engaged" and not th.sticky:
+            th.sticky, th.since = True, ev.t
+            th.cause = ev.get("cause")
+            th.sticky_field = ev.get("field") or ev.get("sticky_field")
+        elif ev.kind == "doomed_poll":
+            th.doomed += 1
+        elif ev.kind == "stall":
+            th.stalls += 1
+            th.last_stall_ms = ev.get("measured_ms")
+            det.stalls.append({"lwp": ev.lwp, "thread": th.name, "qname": None, "lookup": None,
+                               "predicted_ms": ev.get("predicted_ms"),
+                               "measured_ms": ev.get("measured_ms"), "t": ev.t})
+        det.findings.append(ev)
+    glibc = glibc_facts(pid)
+    rep = R.build(det, {"pid": pid, "exe": _readlink(f"/proc/{pid}/exe"),
+                        "threads": facts["threads"]}, glibc, {}, [])
+    rep["run"] = {"mode": "passive", "samples": res["samples"], "overhead": res["overhead"],
+                  "ended_by": "duration"}
+    return rep
 
 
 def _say(msg: str) -> None:
@@ -147,6 +235,20 @@ def run(args) -> int:
             bad = [o for o in sym.get("objects", []) if o.get("error")]
             raise GdbdiagError("symbols: no verified debug file for "
                                + ", ".join(f"{o['name']} ({o['error']})" for o in bad))
+        if not args.no_source:
+            _prefetch_source(pid, args.quiet)
+        passive_events, suspect = [], None
+        if args.passive:
+            res, suspect = _run_passive(pid, args, stop, deadline=time.monotonic() + args.duration)
+            passive_events = res["events"]
+            if not (args.escalate and suspect is not None and not stop["why"]):
+                raise _Passive(res)
+            left = args.duration - (time.monotonic() - t_attach)
+            if left <= 1:
+                raise _Passive(res)
+            args.duration = left
+            if not args.quiet:
+                _say(f"gdbdiag: escalating: arming the trace on LWP {suspect} for {left:.0f} s")
         if not args.quiet:
             _say(f"gdbdiag: attaching to {pid} ({facts['name']}, {facts['threads']} threads); "
                  f"symbols from {', '.join(s for s in sym['source'] if s)}")
@@ -160,9 +262,11 @@ def run(args) -> int:
                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True,
                                env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
-        if not args.no_source:
-            _prefetch_source(pid, args.quiet)
         opts = " --lean" if args.lean else ""
+        if args.full:
+            opts += " --full"
+        if suspect is not None:
+            opts += f" --thread {suspect}"
         if args.no_source:
             opts += " --no-source"
         if args.step_log:
@@ -177,11 +281,11 @@ def run(args) -> int:
                 if line.strip() and not line.startswith("resolv trace"):
                     _say(line)
             _say(f"gdbdiag: armed in {attach_to_armed:.2f} s; tracing for up to "
-                 f"{args.duration:g} s (Ctrl-C ends the run cleanly)")
+                 f"{args.duration:.0f} s (Ctrl-C ends the run cleanly)")
         g.cont()
         deadline = time.monotonic() + args.duration
         seen = set()
-        printed = 0
+        printed = len([l for l in g.output.splitlines() if l.startswith("[gdbdiag]")])
         while True:
             if stop["why"]:
                 if not args.quiet:
@@ -216,6 +320,8 @@ def run(args) -> int:
         rep["run"].update(attach_to_armed_s=round(attach_to_armed, 3), ended_by=stop["why"] or (
             "until" if args.until and args.until in seen or "stall" in seen and args.until == "stall"
             else "duration"))
+    except _Passive as p:
+        rep = _passive_report(pid, p.res, facts)
     except _Stop as exc:
         rep = _rebuild(stream, pid, armed_line, str(exc), workdir)
     except (pexpect.EOF, pexpect.TIMEOUT) as exc:
@@ -230,6 +336,15 @@ def run(args) -> int:
                 pass
         for s, h in old.items():
             signal.signal(s, h)
+    if args.passive and passive_events and rep.get("run", {}).get("mode") != "passive":
+        rep["events"] = sorted(rep["events"] + [_row(e) for e in passive_events], key=lambda e: e["t"])
+        rep["run"]["passive_first"] = True
+        # the switch was seen by the sampler, before gdb attached: its time and cause win
+        for ev in passive_events:
+            if ev.kind == "sticky_engaged":
+                for t in rep["threads"]:
+                    if t["lwp"] == ev.lwp:
+                        t["since"], t["cause"] = ev.t, f"{ev.get('cause')} (passive sampling)"
     rep["symbols"] = sym
     rep["target"]["nspid"] = facts["nspid"]
     rep["target"]["lwp_map"] = lwp_map(pid)

@@ -238,3 +238,49 @@ def test_refusals_have_one_line_causes_and_no_side_effect(tmp_path):
     # usage errors: exit 2
     r = subprocess.run(GD + ["attach", "notapid"], capture_output=True, text=True)
     assert r.returncode == 2
+
+
+@pytest.mark.parametrize("mode,release,verdict", [
+    ("--lean", "bullseye", "STICKY_STALLING"),
+    ("--lean", "bookworm", "STICKY_NO_STALL"),
+    ("--passive --escalate", "bullseye", "STICKY_STALLING")])
+def test_lean_and_passive_modes_detect_the_same(lab_factory, tmp_path, mode, release, verdict):
+    lab = lab_factory(release=release, workload="redis", fault="none")
+    out = tmp_path / "rep.json"
+    r = Runner(lab.pid, *mode.split(), "--duration", "45",
+               "--until", "stall" if verdict == "STICKY_STALLING" else "sticky", "--json", out)
+    r.wait_for("passive sampling" if "passive" in mode else "gdbdiag: armed in", 60)
+    if "passive" in mode:
+        assert tracer_of(lab.pid) == 0          # sampling: nobody traces the target
+    time.sleep(1.0)
+    lab.inject()
+    rc = r.finish(120)
+    assert rc == 0, r.text
+    rep = json.loads(out.read_text())
+    assert rep["verdict"]["code"] == verdict, r.text
+    eng = [e for e in rep["events"] if e["kind"] == "sticky_engaged"]
+    assert eng
+    if mode == "--lean":
+        # lean reads the lost query at the flag write: it is named all the same
+        assert "AAAA answer for keydb-0.keydb.default.svc.cluster.local. lost" in eng[0]["cause"]
+    if "passive" in mode:
+        assert rep["run"]["passive_first"] is True
+        assert "passive sampling" in [t for t in rep["threads"] if t["lwp"] == lab.pid][0]["cause"]
+    assert diff_code(lab.pid, ("libc", "libresolv", "libnss_dns")) == []
+
+
+def test_passive_alone_never_traces_or_stops_the_target(lab_factory, tmp_path):
+    lab = lab_factory(release="bullseye", workload="redis", fault="drop-aaaa-once")
+    out = tmp_path / "rep.json"
+    r = Runner(lab.pid, "--passive", "--duration", "14", "--json", out)
+    states = set()
+    while r.p.poll() is None:
+        states.add(Path(f"/proc/{lab.pid}/stat").read_text().rsplit(")", 1)[1].split()[0])
+        assert tracer_of(lab.pid) == 0
+        time.sleep(0.02)
+    assert r.finish(10) == 0, r.text
+    assert not states & {"t", "T"}
+    rep = json.loads(out.read_text())
+    assert rep["run"]["mode"] == "passive" and rep["run"]["samples"] > 100
+    assert rep["verdict"]["code"] == "STICKY_STALLING"
+    assert rep["stalls"] and all(4000 <= s["measured_ms"] <= 5600 for s in rep["stalls"])

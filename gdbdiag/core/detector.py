@@ -154,7 +154,7 @@ class Detector:
         return []
 
     def _on_poll_enter(self, th, ev):
-        if ev.get("stack"):
+        if ev.get("stack") and (not th.stack or ev.get("site") == "wait"):
             th.stack = list(ev.get("stack"))
         sh = th.shadow
         th.poll_t, th.poll_doomed = ev.t, None

@@ -40,7 +40,8 @@ LOST_ANSWER = "lost_answer"        # a poll timed out with one of two answers mi
 STICKY_ENGAGED = "sticky_engaged"  # the thread's single-request flag went 0 -> 1
 DOOMED_POLL = "doomed_poll"        # POLLIN poll with no query outstanding: can only time out
 STALL = "stall"                    # the measured end of a doomed poll
-FINDINGS = (LOST_ANSWER, STICKY_ENGAGED, DOOMED_POLL, STALL)
+RESOLVER_WAIT = "resolver_wait"    # passive mode: a resolver poll not (known to be) doomed
+FINDINGS = (LOST_ANSWER, STICKY_ENGAGED, DOOMED_POLL, STALL, RESOLVER_WAIT)
 
 
 @dataclass

@@ -28,7 +28,7 @@ def finding_line(f: E.Event, t0: float | None = None, name: str | None = None) -
     rel = f"+{f.t - t0:8.3f}s " if t0 is not None else ""
     d = f.data
     if f.kind == E.STICKY_ENGAGED:
-        what = (f"statp->{d.get('field')} single-request bit set — {d.get('cause')}")
+        what = (f"statp->{d.get('field') or d.get('sticky_field')} single-request bit set — {d.get('cause')}")
         if d.get("how") in ("status", "send_dg_enter"):
             what = f"already in single-request mode (statp->{d.get('field')}) — {d.get('cause')}"
         return f"[gdbdiag] {rel}{who(f.lwp, name)} sticky_engaged: {what}"
@@ -43,6 +43,11 @@ def finding_line(f: E.Event, t0: float | None = None, name: str | None = None) -
     if f.kind == E.LOST_ANSWER:
         return (f"[gdbdiag] {rel}{who(f.lwp, name)} lost_answer: no {d.get('qtype')} answer for "
                 f"{d.get('qname')} after {d.get('waited_ms')} ms")
+    if f.kind == E.RESOLVER_WAIT:
+        return (f"[gdbdiag] {rel}{who(f.lwp, name)} resolver_wait: poll(POLLIN, "
+                f"{d.get('timeout_ms')} ms) on UDP fd {d.get('fd')}"
+                + (" in send_dg" if d.get("frame_confirmed") else "")
+                + (" (thread sticky)" if d.get("sticky") else ""))
     return f"[gdbdiag] {rel}{who(f.lwp, name)} {f.kind}: {d}"
 
 

@@ -149,7 +149,10 @@ class ResolvTrace(ResolvCommand):
                        help="stop at every step and print its dump (default: set resolv step)")
         p.add_argument("--thread", type=int, help="only this thread (gdb number or LWP)")
         p.add_argument("--names", metavar="GLOB", help="only lookups whose name matches GLOB")
-        p.add_argument("--lean", action="store_true", help="fewest stops: no chain, no check polls")
+        p.add_argument("--lean", action="store_true",
+                       help="fewest stops: no chain, no check polls (see README)")
+        p.add_argument("--full", action="store_true",
+                       help="every probe for every lookup from the start (costly; --step implies it)")
         p.add_argument("--record", metavar="FILE", help="write every event as JSON lines")
         p.add_argument("--verbose", action="store_true", help="print every observation")
         p.add_argument("--no-source", action="store_true",
@@ -165,7 +168,7 @@ class ResolvTrace(ResolvCommand):
         names = args.names or (gdb.parameter("resolv names") or None)
         sess = S.TraceSession(step=step, thread=args.thread, names=names, lean=args.lean,
                               record=args.record, step_log=args.step_log,
-                              source=not args.no_source,
+                              source=not args.no_source, full=args.full,
                               verbose=args.verbose or bool(gdb.parameter("resolv verbose")))
         sess.color = bool(gdb.parameter("resolv color"))
         S.TraceSession.current = sess

@@ -87,8 +87,13 @@ def read_chain(function, fields):
         if function == "getaddrinfo":
             if "name" not in data:                       # no DWARF: the ABI's first argument
                 data["name"], prov["name"] = T.cstring(T.reg("rdi")), "register"
-            data["stack"] = T.app_stack()
-            prov["stack"] = "memory"
+            # unwinding costs a millisecond: only where a stall can follow (a sticky
+            # thread), or in full mode
+            det = probe.session.detector
+            th = det.threads.get(T.lwp()) if det else None
+            if probe.session.full or (th is not None and th.sticky):
+                data["stack"] = T.app_stack()
+                prov["stack"] = "memory"
             return _ev(E.GAI_ENTER, data, prov)
         return _ev(E.CHAIN, data, prov)
     return reader
@@ -263,46 +268,54 @@ class StickyProbe(Probe):
 def arm(session, analysis, offsets, thread=None, chain=True, lean=False, part="all"):
     """Create probes; returns the list. ``analysis`` is analysis.analyse()'s result.
 
-    Default: the chain, send_dg's entry, call and return sites, flag writes, returns.
-    Lean (``part``): "flags" arms only the instructions that set the sticky bit — a
-    healthy process never stops; "sticky" arms the send_dg probes that follow a sticky
-    thread's lookups (other threads pass them after a two-word read). The session arms
-    "sticky" once a thread is or becomes sticky. No chain probes in lean mode: the
-    application stack is read at the poll instead."""
+    ``part``:
+    - "all": the chain, send_dg's entry, call and return sites, the flag writes — every
+      lookup of every thread stops at each (``--step``, ``--full``);
+    - "watch": what must be watched while no thread is sticky: the instructions that
+      set the sticky bit (they fire once, at the switch) and, unless lean, getaddrinfo's
+      entry (one stop per lookup: the name and the application stack);
+    - "sticky": armed by the session once a thread is or becomes sticky: send_dg's
+      probes, which report only for sticky threads (others pass after a two-word
+      read), and, unless lean, the rest of the chain. Lean leaves out the chain, the
+      POLLOUT check poll and send_dg's returns; its stack is read at the poll.
+    """
     probes = []
-    cls = StickyProbe if lean else Probe
 
-    def add(pc, kind, reader, label, klass=None):
-        probes.append((klass or cls)(session, pc, kind, reader, label, thread))
+    def add(pc, kind, reader, label, klass=Probe):
+        probes.append(klass(session, pc, kind, reader, label, thread))
 
-    if part in ("all", "flags"):
+    if part in ("all", "watch"):
         for w in analysis["flag_writes"]:
             add(w["pc"], E.FLAG_WRITE, read_flag_write(w, offsets, analysis.get("home_locations")),
-                "send_dg: statp->%s |= %s" % (w["field"], w["flag"]), Probe)
-    if part == "flags":
-        return probes
+                "send_dg: statp->%s |= %s" % (w["field"], w["flag"]))
     if chain and not lean:
         for name, fields in CHAIN:
+            if (part == "watch") != (name == "getaddrinfo") and part != "all":
+                continue
             for pc in chain_addresses(name):
                 add(pc, E.CHAIN, read_chain(name, fields), name)
-    add(analysis["entry"], E.SEND_DG_ENTER, read_send_dg_enter(offsets), "send_dg")
+    if part == "watch":
+        return probes
+    cls = Probe if part == "all" else StickyProbe
+    add(analysis["entry"], E.SEND_DG_ENTER, read_send_dg_enter(offsets), "send_dg", cls)
     for c in analysis["calls"]:
         k = c["kind"]
         if k == "poll":
             site = "wait" if c.get("timeout_arg") != "0" else "check"
             if lean and site == "check":
                 continue
-            add(c["pc"], E.POLL_ENTER, read_poll_call(site, with_stack=lean), "send_dg:poll(%s)" % site)
-            add(c["ret_pc"], E.POLL_RETURN, read_poll_return, "send_dg:poll(%s) returned" % site)
+            add(c["pc"], E.POLL_ENTER, read_poll_call(site, with_stack=lean or part == "sticky"),
+                "send_dg:poll(%s)" % site, cls)
+            add(c["ret_pc"], E.POLL_RETURN, read_poll_return, "send_dg:poll(%s) returned" % site, cls)
         elif k == "sendmmsg":
-            add(c["ret_pc"], E.SENDMMSG_RETURN, read_sendmmsg_return, "send_dg:sendmmsg returned")
+            add(c["ret_pc"], E.SENDMMSG_RETURN, read_sendmmsg_return, "send_dg:sendmmsg returned", cls)
         elif k == "send":
-            add(c["pc"], "send_call", read_send_call, "send_dg:send")
-            add(c["ret_pc"], E.SEND_RETURN, read_send_return, "send_dg:send returned")
+            add(c["pc"], "send_call", read_send_call, "send_dg:send", cls)
+            add(c["ret_pc"], E.SEND_RETURN, read_send_return, "send_dg:send returned", cls)
         elif k == "recvfrom":
-            add(c["pc"], "recvfrom_call", read_recvfrom_call, "send_dg:recvfrom")
-            add(c["ret_pc"], E.RECVFROM_RETURN, read_recvfrom_return, "send_dg:recvfrom returned")
+            add(c["pc"], "recvfrom_call", read_recvfrom_call, "send_dg:recvfrom", cls)
+            add(c["ret_pc"], E.RECVFROM_RETURN, read_recvfrom_return, "send_dg:recvfrom returned", cls)
     if not lean:
         for pc in analysis.get("returns", []):
-            add(pc, E.SEND_DG_RETURN, read_send_dg_return, "send_dg returns")
+            add(pc, E.SEND_DG_RETURN, read_send_dg_return, "send_dg returns", cls)
     return probes

@@ -27,8 +27,11 @@ class TraceSession:
     current = None
 
     def __init__(self, step=False, thread=None, names=None, lean=False, record=None,
-                 chain=True, verbose=False, echo=True, step_log=None, source=True):
+                 chain=True, verbose=False, echo=True, step_log=None, source=True, full=False):
         self.step, self.thread, self.names, self.lean = step, thread, names, lean
+        # full: every probe from the start (--step, --full); otherwise only the watch set
+        # until a thread is sticky (see probes.arm)
+        self.full = bool(full or step or step_log) and not lean
         self.chain, self.verbose, self.echo = chain, verbose, echo
         self.t0 = time.time()
         self.observations: list[Event] = []
@@ -52,7 +55,7 @@ class TraceSession:
         self._escalate_pending = False
         self._gthread = None
         self._stop_hook = None
-        if lean:
+        if not self.full:
             self._stop_hook = self._on_stop
             gdb.events.stop.connect(self._stop_hook)
 
@@ -99,8 +102,8 @@ class TraceSession:
                 raise gdb.GdbError("no thread %s in this inferior" % self.thread)
         self._gthread = gthread
         self.probes = P.arm(self, self.analysis, self.offsets, thread=gthread,
-                            chain=self.chain, lean=self.lean, part="flags" if self.lean else "all")
-        self.escalated = not self.lean
+                            chain=self.chain, lean=self.lean, part="all" if self.full else "watch")
+        self.escalated = self.full
         self.armed_at = time.time()
         self.write_armed_file()
         # threads already sticky before this trace
@@ -113,12 +116,14 @@ class TraceSession:
             for f in self.detector.findings[-1:]:
                 if f.kind == E.STICKY_ENGAGED and f.lwp == row["lwp"] and f.t == ev.t:
                     self.say(render.finding_line(f, self.t0, row["name"]))
-        if self.lean and any(t.sticky for t in self.detector.threads.values()):
+        if not self.full and any(t.sticky for t in self.detector.threads.values()):
             self.escalate()
-        self.say("armed %d probes in send_dg (%s) and the chain; bug 30081 in this build: %s "
+        mode = "full" if self.full else ("lean" if self.lean else "armed")
+        self.say("armed %d probes (%s mode%s) for send_dg in %s; bug 30081 in this build: %s "
                  "(from the code); sticky bit in %s"
-                 % (len(self.probes), self.analysis.get("objfile"), self.build["bug30081"],
-                    self.build["sticky_field"]))
+                 % (len(self.probes), mode, "" if self.full or self.escalated else
+                    ": watching the sticky-bit writes, send_dg's probes follow sticky threads",
+                    self.analysis.get("objfile"), self.build["bug30081"], self.build["sticky_field"]))
         return True
 
     def _load_source(self):
@@ -165,7 +170,7 @@ class TraceSession:
             return
         self.escalated = True
         self.probes += P.arm(self, self.analysis, self.offsets, thread=self._gthread,
-                             chain=False, lean=True, part="sticky")
+                             chain=self.chain, lean=self.lean, part="sticky")
         self.write_armed_file()
 
     def _on_stop(self, event):

@@ -1,0 +1,35 @@
+"""`gdbdiag bench` runs end to end and its figures are sane (no timing is asserted)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.lab
+
+
+def test_bench_runs_and_reports_every_figure(tmp_path):
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "gdbdiag.cli", "bench", "--rounds", "1",
+                        "--phase-seconds", "2", "--json", str(out)],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for key in ("overhead_ratio_armed", "overhead_ratio_lean", "overhead_ratio_passive",
+                "overhead_ratio_strace", "overhead_ratio_ebpf", "attach_to_armed_warm_s",
+                "attach_to_armed_cold_s", "sticky_report_delay_ms", "doomed_poll_report_lead_ms"):
+        assert key in res, key
+    for m in ("armed", "lean", "passive", "strace", "ebpf"):
+        ratio = res[f"overhead_ratio_{m}"]
+        assert ratio is not None and 0.3 < ratio < 100, (m, ratio)
+        assert res["latency"][m]["n"] > 0
+    assert all(v["gets_per_s"] > 0 for v in res["throughput"].values())
+    assert 0 < res["attach_to_armed_warm_s"] < 120 and 0 < res["attach_to_armed_cold_s"] < 600
+    for mode in ("armed", "lean", "passive"):
+        # the loss is noticed by glibc only after its timeout: the report follows that
+        assert res["sticky_report_delay_ms"][mode] is not None and res["sticky_report_delay_ms"][mode] > 4000
+        lead = res["doomed_poll_report_lead_ms"][mode]
+        assert lead is not None and 0 < lead < 6000
+    assert "getaddrinfo" in r.stdout and "machine:" in r.stdout
