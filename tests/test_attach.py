@@ -84,9 +84,9 @@ def test_target_survives_every_way_a_run_ends(lab_factory, how, tmp_path):
     # the supervisor's repair rather than the (documented) window inside a stop
     lab = lab_factory(release="bullseye", workload="redis", fault="drop-aaaa-once")
     writes = []
-    writer = threading.Thread(target=lambda: writes.extend(lab.probe(seconds=40, interval=0.05, write=True)))
+    writer = threading.Thread(target=lambda: writes.extend(lab.probe(seconds=20, interval=0.05, write=True)))
     writer.start()
-    r = Runner(lab.pid, "--duration", "25" if how == "duration" else "120",
+    r = Runner(lab.pid, "--duration", "10" if how == "duration" else "120",
                "--json", tmp_path / "rep.json")
     try:
         r.wait_for("gdbdiag: armed in", 60)
@@ -167,7 +167,10 @@ def test_healthy(lab_factory, tmp_path):
     rep = json.loads(out.read_text())
     assert rep["verdict"]["code"] == "HEALTHY"
     assert rep["verdict"]["remediation"] == []
-    assert any(e["kind"] == "send_dg_enter" for e in rep["events"])
+    # armed mode watches every lookup at getaddrinfo, and nothing else while healthy
+    gai = [e for e in rep["events"] if e["kind"] == "gai_enter"]
+    assert gai and all(e["name"] == "keydb-0.keydb" for e in gai)
+    assert not [e for e in rep["events"] if e["kind"] == "send_dg_enter"]
 
 
 def _refused(pid, *extra, user=None):

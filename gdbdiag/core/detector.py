@@ -106,14 +106,19 @@ class Detector:
         return [self._finding(E.STICKY_ENGAGED, th, ev, data, prov)]
 
     # -- observations ---------------------------------------------------------------------
-    def _on_status(self, th: ThreadState, ev: Event) -> list[Event]:
+    def _already_sticky(self, th: ThreadState, ev: Event, how: str, otherwise: str) -> list[Event]:
+        """The bit is set in what was just read, and no switch was seen: say why."""
         th.options, th.flags = ev.get("options"), ev.get("flags")
         bits = sticky_bits(th.options, th.flags)
         if bits["single_request"] and not th.sticky:
             cause = ("resolv.conf options single-request" if self.resolv_conf_single_request
-                     else "already set when gdbdiag attached (an earlier lost answer)")
-            return self._engage(th, ev, bits["field"], cause, None, "status")
+                     else otherwise)
+            return self._engage(th, ev, bits["field"], cause, None, how)
         return []
+
+    def _on_status(self, th: ThreadState, ev: Event) -> list[Event]:
+        return self._already_sticky(th, ev, "status",
+                                    "already set when gdbdiag attached (an earlier lost answer)")
 
     def _on_gai_enter(self, th, ev):
         th.lookup = ev.get("name")
@@ -129,17 +134,12 @@ class Detector:
         return []
 
     def _on_send_dg_enter(self, th, ev):
-        opts, flags = ev.get("options"), ev.get("flags")
-        th.options, th.flags = opts, flags
         q1, q2 = _q(ev.get("q1")), _q(ev.get("q2"))
-        th.shadow = SendDgShadow.enter(opts, flags, q1, q2, self.accepts_header_only)
+        th.shadow = SendDgShadow.enter(ev.get("options"), ev.get("flags"), q1, q2,
+                                       self.accepts_header_only)
         th.last_query = _qlabel(q1) if q1 else th.last_query
-        bits = sticky_bits(opts, flags)
-        if bits["single_request"] and not th.sticky:
-            cause = ("resolv.conf options single-request" if self.resolv_conf_single_request
-                     else "set before this trace (an earlier lost answer, or resolv.conf)")
-            return self._engage(th, ev, bits["field"], cause, None, "send_dg_enter")
-        return []
+        return self._already_sticky(th, ev, "send_dg_enter",
+                                    "set before this trace (an earlier lost answer, or resolv.conf)")
 
     def _on_sendmmsg_return(self, th, ev):
         if th.shadow and (ev.get("n") or 0) > 0:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 from ..errors import EXIT_OK, EXIT_TOOL
 from . import container
@@ -13,7 +14,7 @@ from .probe import summarize
 def add_parser(sub) -> None:
     lab = sub.add_parser("lab", help="test containers that reproduce the incident",
                          description="Start, probe and remove lab containers.")
-    ls = lab.add_subparsers(dest="lab_cmd", metavar="{up,probe,down,list,inject}")
+    ls = lab.add_subparsers(dest="lab_cmd", metavar="{up,probe,down,list,inject,prepare}")
     ls.required = True
     lab.set_defaults(func=run)
 
@@ -57,6 +58,11 @@ def add_parser(sub) -> None:
 
     inj = ls.add_parser("inject", help="make the DNS server drop the next AAAA answer now")
     inj.add_argument("--name", default="lab")
+
+    pre = ls.add_parser("prepare", help="build (or check) the cached root filesystems, in parallel")
+    pre.add_argument("--release", action="append", choices=sorted(container.rootfs_mod.RELEASES),
+                     help="repeatable; default all")
+    pre.add_argument("--cache", metavar="DIR")
 
 
 def run(args) -> int:
@@ -120,6 +126,18 @@ def _run(args) -> int:
             state = "up" if lab.alive() else "dead"
             print(f"{lab.name:16} {state:5} pid {lab.pid}  {lab.workload:9} "
                   f"{container.release_label(lab)}  fault {lab.fault}")
+        return EXIT_OK
+    if args.lab_cmd == "prepare":
+        from concurrent.futures import ThreadPoolExecutor
+        rels = args.release or sorted(container.rootfs_mod.RELEASES)
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(len(rels)) as ex:
+            futs = {r: ex.submit(container.rootfs_mod.ensure_release, r, args.cache,
+                                 log=lambda m: print(m, file=sys.stderr)) for r in rels}
+            for r, f in futs.items():
+                info = container.rootfs_mod.rootfs_info(f.result())
+                print(f"{r}: {f.result()} (glibc {info.get('glibc')}, redis {info.get('redis')})")
+        print(f"ready in {time.monotonic() - t0:.1f} s")
         return EXIT_OK
     if args.lab_cmd == "inject":
         container.Lab.load(args.name).inject()
