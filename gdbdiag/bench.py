@@ -103,10 +103,8 @@ class Tool:
     def _run_passive(self):
         def on_event(ev):
             self.events.append(ev)
-            self.on_line(f"[gdbdiag] passive {ev.kind}", time.time())
-        deadline = time.monotonic() + 3600
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            self.passive.run(0.5, on_event=on_event)
+            self.on_line(f"[gdbdiag] passive {ev.kind}: {ev.get('measured_ms') or ''}", time.time())
+        self.passive.run(3600, on_event=on_event, until=self._stop.is_set)
 
     def stop(self) -> None:
         self._stop.set()
