@@ -282,7 +282,7 @@ class Detector:
                                                ("thread", f"{th.lwp} {th.name or ''}".strip(), "register")]
         if th.last_query:
             rows.append(("query", th.last_query, E.INFERRED))
-        for key in ("name", "domain", "type", "fd", "events", "revents", "timeout_ms", "n", "id",
+        for key in ("name", "domain", "type", "fd", "len", "events", "revents", "timeout_ms", "n", "id",
                     "rcode", "qdcount"):
             if key in ev.data:
                 val = ev.data[key]

@@ -164,7 +164,9 @@ def read_send_call(probe):
     buf = T.reg("rsi")
     qid = int.from_bytes(T.mem(buf, 2), "big") if buf else None
     probe.session.saved(T.lwp())["send_id"] = qid
-    return None          # nothing to report until it returns
+    return _ev("send_call", {"function": "send", "fd": T.sreg32("rdi"), "id": qid,
+                             "len": T.sreg64("rdx")},
+               {"fd": "register", "id": "memory", "len": "register"})
 
 
 def read_send_return(probe):
@@ -177,8 +179,11 @@ def read_send_return(probe):
 
 
 def read_recvfrom_call(probe):
-    probe.session.saved(T.lwp())["recv_buf"] = T.reg("rsi")
-    return None
+    buf = T.reg("rsi")
+    probe.session.saved(T.lwp())["recv_buf"] = buf
+    return _ev("recvfrom_call", {"function": "recvfrom", "fd": T.sreg32("rdi"),
+                                 "buf": buf, "len": T.sreg64("rdx")},
+               {"fd": "register", "buf": "register", "len": "register"})
 
 
 def read_recvfrom_return(probe):
