@@ -40,6 +40,7 @@ def test_bullseye_redis_loss_after_attach_engages_sticky_then_doomed_polls_stall
         lab_factory, gdb_attach, tmp_path):
     lab = lab_factory(release="bullseye", workload="redis", fault="none")
     g = gdb_attach(lab.pid)
+    assert "symbols verified" in g.cmd("resolv symbols --check")
     status = g.cmd("resolv status")
     assert "redis-server" in status and "yes (" not in status       # not sticky yet
     rec = tmp_path / "stream.jsonl"
@@ -105,6 +106,8 @@ def test_bullseye_already_sticky_before_attach_shows_at_once(lab_factory, gdb_at
 def test_fixed_builds_go_sticky_without_stalling(lab_factory, gdb_attach, tmp_path, release, field):
     lab = lab_factory(release=release, workload="redis", fault="none")
     g = gdb_attach(lab.pid)
+    # gdb loaded this container's own libc and our verified debug file for it
+    assert "symbols verified" in g.cmd("resolv symbols --check")
     out = g.cmd("resolv trace")
     assert "bug 30081 in this build: fixed" in out and f"sticky bit in {field}" in out
     g.cont()
@@ -196,6 +199,8 @@ def test_step_mode_stops_at_each_step_of_the_chain_with_its_dump(lab_factory, gd
     assert idx == sorted(idx), seen
     # the dump: fields with their sources; optimized-out locals inferred
     assert "recvresp1" in text and "inferred" in text and "register" in text
+    # and the glibc source of this very build around each probe, by DWARF line table
+    assert "res_send.c:" in text and "=> " in text and "__poll (pfd, 1, ptimeout)" in text
     assert "nwritten" in text and "statp->options" in text and "POLLIN" in text
     g.cmd("resolv untrace")
 
