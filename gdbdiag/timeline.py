@@ -229,9 +229,9 @@ def write_html(report: dict, path: str) -> None:
 .STICKY_STALLING,.STALLING_NOT_STICKY{{background:#ffcdd2}} .STICKY_NO_STALL{{background:#fff3e0}} .HEALTHY{{background:#c8e6c9}}
 table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}}</style></head>
 <body><h1>gdbdiag — resolver timeline of pid {report['target']['pid']} {e(str(report['target'].get('exe') or ''))}</h1>
-<p>glibc {e(str(g.get('version')))} ({e(str(g.get('distro_package')))}); bug 30081:
+<p>glibc {e(str(g.get('version') or '?'))} ({e(str(g.get('distro_package') or 'package unknown'))}); bug 30081:
 {'affected' if g.get('affected_30081') else 'fixed' if g.get('affected_30081') is False else 'unknown'};
-sticky bit in <code>{e(str(g.get('sticky_field')))}</code></p>
+sticky bit in <code>{e(str(g.get('sticky_field') or '?'))}</code></p>
 <p><span class="v {e(v.get('code', ''))}">{e(v.get('code', ''))}</span> {e(v.get('summary', ''))}</p>
 {svg(report)}
 <h2>Stalls</h2><table><tr><th>LWP</th><th>query</th><th>getaddrinfo</th><th>predicted ms</th><th>measured ms</th></tr>{stalls}</table>
