@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -363,7 +364,9 @@ def run(args) -> int:
         write_html(rep, args.timeline)
     code = rep["verdict"]["code"]
     if rep["run"].get("error"):
+        _say(f"gdbdiag: the run's files (event stream, supervisor log) are kept in {workdir}")
         return EXIT_TOOL
+    shutil.rmtree(workdir, ignore_errors=True)
     if args.fail_on == "sticky" and code in ("STICKY_NO_STALL", "STICKY_STALLING"):
         return EXIT_FAIL_ON
     if args.fail_on == "stall" and code in ("STICKY_STALLING", "STALLING_NOT_STICKY"):
