@@ -80,6 +80,10 @@ def run(args) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda s, f: (_ for _ in ()).throw(KeyboardInterrupt()))
     lab = None
+    if (container.STATE_ROOT / args.name).exists():
+        # left by a replay that was killed before its teardown: the demo owns this name
+        print(f"== removing a previous replay lab {args.name!r} left behind", flush=True)
+        container.down(args.name, quiet=True)
     try:
         print(f"== lab: {args.release}, redis replica of keydb-0.keydb:6379 (a dead peer), "
               f"DNS answers {args.rcode} for the bare name, fault {args.fault}", flush=True)
