@@ -274,8 +274,8 @@ def run(args) -> int:
             opts += f" --step-log {args.step_log}"
         out = g.cmd(f"resolv trace --record {stream}{opts}")
         armed_line = next((l for l in out.splitlines() if l.startswith("armed ")), "")
-        if "Error" in out or "error" in out.lower() and not armed_line and "not loaded yet" not in out:
-            raise GdbdiagError("resolv trace failed: " + out.strip().splitlines()[-1])
+        if not armed_line and "not loaded yet" not in out:
+            raise GdbdiagError("resolv trace failed: " + (out.strip().splitlines() or ["?"])[-1])
         attach_to_armed = time.monotonic() - t_attach
         if not args.quiet:
             for line in out.splitlines():
@@ -318,9 +318,10 @@ def run(args) -> int:
         g.close()
         rep = json.loads(rep_path.read_text())
         rep.setdefault("run", {})
-        rep["run"].update(attach_to_armed_s=round(attach_to_armed, 3), ended_by=stop["why"] or (
-            "until" if args.until and args.until in seen or "stall" in seen and args.until == "stall"
-            else "duration"))
+        until_hit = (args.until == "sticky" and "sticky_engaged" in seen) or \
+            (args.until == "stall" and "stall" in seen)
+        rep["run"].update(attach_to_armed_s=round(attach_to_armed, 3),
+                          ended_by=stop["why"] or ("until" if until_hit else "duration"))
     except _Passive as p:
         rep = _passive_report(pid, p.res, facts)
     except _Stop as exc:
