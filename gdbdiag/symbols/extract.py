@@ -199,17 +199,10 @@ def scan_deb(deb_path: str, wanted: set[str], dest_dir: str, use_dpkg: bool | No
                 continue
             if m.size > MAX_MEMBER:
                 continue
-            src = tf.extractfile(m)
-            if src is None:
-                continue
-            head = src.read(4)
-            if head != b"\x7fELF":
-                continue
             k += 1
-            dst = os.path.join(dest_dir, f"member{k}.debug")
-            with open(dst, "xb") as o:
-                o.write(head)
-                shutil.copyfileobj(src, o, 1 << 20)
+            dst = _copy_elf_member(tf, m, os.path.join(dest_dir, f"member{k}.debug"))
+            if dst is None:
+                continue
             facts = _facts(dst)
             bid = facts.build_id if facts else None
             if bid in wanted or by_name is not None:
@@ -268,18 +261,25 @@ def extract_elf_members(deb_path: str, want_name, dest_dir: str, use_dpkg: bool 
             name = m.name[2:] if m.name.startswith("./") else m.name.lstrip("/")
             if not want_name(name):
                 continue
-            src = tf.extractfile(m)
-            if src is None:
-                continue
-            head = src.read(4)
-            if head != b"\x7fELF":
-                continue
             k += 1
-            dst = os.path.join(dest_dir, f"elf{k}-{os.path.basename(name)}")
-            with open(dst, "xb") as o:
-                o.write(head)
-                shutil.copyfileobj(src, o, 1 << 20)
+            dst = _copy_elf_member(tf, m, os.path.join(dest_dir, f"elf{k}-{os.path.basename(name)}"))
+            if dst is None:
+                continue
             facts = _facts(dst)
             if facts is not None:
                 out.append((name, dst, facts))
     return out
+
+
+def _copy_elf_member(tf, member, dst: str) -> str | None:
+    """Copy a tar member to ``dst`` if it is an ELF file (else nothing); return dst."""
+    src = tf.extractfile(member)
+    if src is None:
+        return None
+    head = src.read(4)
+    if head != b"\x7fELF":
+        return None
+    with open(dst, "xb") as o:
+        o.write(head)
+        shutil.copyfileobj(src, o, 1 << 20)
+    return dst
