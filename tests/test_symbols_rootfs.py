@@ -20,7 +20,7 @@ EXPECT = {  # upstream glibc, objects holding the resolver
 def _rootfs(rel):
     d = rootfs(rel)
     if d is None:
-        pytest.skip(f"no {rel} rootfs under /var/cache/gdbdiag-dev")
+        pytest.skip(f"no {rel} rootfs under $GDBDIAG_ROOTFS_BASE")
     return d
 
 

@@ -23,7 +23,9 @@ __all__ = ["TEST_CACHE", "ROOTFS_BASE", "rootfs", "serve_dir", "blackhole", "rea
            "build_deb", "extract_debug_files", "tree_snapshot"]
 
 TEST_CACHE = os.environ.get("GDBDIAG_TEST_CACHE", "/var/cache/gdbdiag-test")
-ROOTFS_BASE = os.environ.get("GDBDIAG_ROOTFS_BASE", "/var/cache/gdbdiag-dev")
+# Root filesystems for the tests: the lab's own cache (scripts/test builds it with
+# `gdbdiag lab prepare`), or a directory of <release>/ trees named by GDBDIAG_ROOTFS_BASE.
+ROOTFS_BASE = os.environ.get("GDBDIAG_ROOTFS_BASE")
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -61,10 +63,14 @@ def blackhole():
 
 
 def rootfs(rel: str, wait: float | None = None) -> str | None:
-    """The debootstrapped rootfs of ``rel`` under ROOTFS_BASE once it has python3
-    (waits while it is being built, up to ``wait`` seconds); None if there is none."""
+    """The debootstrapped rootfs of ``rel``: the lab's cached tree (built now if it is
+    missing), or, with GDBDIAG_ROOTFS_BASE, the tree there once it has python3 (waits
+    while it is being built, up to ``wait`` seconds; None if there is none)."""
     import time
 
+    if ROOTFS_BASE is None:
+        from ..lab.rootfs import ensure_release
+        return str(ensure_release(rel))
     if wait is None:
         wait = float(os.environ.get("GDBDIAG_ROOTFS_WAIT", "900"))
     d = os.path.join(ROOTFS_BASE, rel)
