@@ -14,9 +14,7 @@ from gdbdiag.symbols.identify import identify_process
 from gdbdiag.symbols.sources import Settings, fetch_symbols
 from gdbdiag.symbols.testing import TEST_CACHE, rootfs
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chroot, ptrace)"),
-              pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb not installed")]
+pytestmark = [pytest.mark.slow]      # root (chroot, ptrace) and gdb: scripts/setup provides both
 
 SEND_DG_IN = {"bullseye": "libresolv.so.2", "bookworm": "libc.so.6", "trixie": "libc.so.6"}
 CACHE = os.path.join(TEST_CACHE, "cache")
@@ -46,8 +44,7 @@ def chroot_proc(request):
 
     def start(rel, **kw):  # noqa: D401
         root = rootfs(rel)
-        if root is None:
-            pytest.skip(f"no {rel} rootfs")
+        assert root is not None, f"no {rel} rootfs under $GDBDIAG_ROOTFS_BASE"
         p = _start(root, **kw)
         procs.append(p)
         return p
@@ -92,7 +89,6 @@ def test_gdb_loads_target_glibc_with_verified_symbols(rel, chroot_proc):
     assert p.poll() is None     # gdb detached, the process lives on
 
 
-@pytest.mark.skipif(shutil.which("unshare") is None, reason="util-linux unshare")
 def test_chroot_inside_own_mount_namespace(chroot_proc):
     """chroot in a private mount namespace: gdb's target: would read the namespace's '/'
     (the host's files); identified as chroot, loaded through /proc/PID/root instead."""

@@ -19,8 +19,7 @@ EXPECT = {  # upstream glibc, objects holding the resolver
 
 def _rootfs(rel):
     d = rootfs(rel)
-    if d is None:
-        pytest.skip(f"no {rel} rootfs under $GDBDIAG_ROOTFS_BASE")
+    assert d is not None, f"no {rel} rootfs under $GDBDIAG_ROOTFS_BASE"
     return d
 
 
