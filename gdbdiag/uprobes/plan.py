@@ -1,0 +1,52 @@
+"""From the analyzer's findings about a target's glibc to a probe plan (host paths)."""
+from __future__ import annotations
+
+from .program import Plan
+
+
+class NoPlan(Exception):
+    """The probe points cannot be placed; the message says why (one line)."""
+
+
+def target_file(pid: int, path: str) -> str:
+    """The target's file as the host reaches it. ``path`` comes from the target's own
+    view (/proc/PID/maps or its ld.so.cache): the kernel's canonical path inside its
+    mount namespace, so /proc/PID/root + path walks no symlink of the image."""
+    return f"/proc/{pid}/root{path}"
+
+
+def _object(ident, soname_prefix: str):
+    for o in ident.objects:
+        if o.name.startswith(soname_prefix) and o.path:
+            return o
+    return None
+
+
+def analyze(pid: int, ident, debug_files: dict | None = None) -> dict:
+    from ..glibc.analyzer import analyze_target
+    libc = _object(ident, "libc.so")
+    if libc is None:
+        raise NoPlan("no libc.so.6 found in the target")
+    res = _object(ident, "libresolv.so")
+    return analyze_target(f"/proc/{pid}/root", target_file(pid, libc.path),
+                          target_file(pid, res.path) if res else None, debug_files or {})
+
+
+def make_plan(pid: int, ident, analysis: dict) -> Plan:
+    where = analysis.get("send_dg_object")
+    if not where:
+        raise NoPlan("send_dg not found: " + (analysis.get("unknown_reason") or "unknown reason"))
+    obj = analysis[where]
+    libc = analysis["libc"]
+    path = _object(ident, "libc.so" if where == "libc" else "libresolv.so").path
+    calls = [{"kind": c["kind"], "site": c.get("site"), "call": c["call_addr"],
+              "ret": c["ret_addr"]} for c in obj.get("calls", [])]
+    writers = [{"addr": w["addr"], "base_reg": w["base_reg"], "field": w["field"],
+                "bit": w["bit"]} for w in obj.get("sticky_writers", [])]
+    gai = libc.get("getaddrinfo") or {}
+    return Plan(pid=pid, send_dg_file=target_file(pid, path),
+                libc_file=target_file(pid, _object(ident, "libc.so").path),
+                send_dg_entry=obj["send_dg"]["start"],
+                send_dg_returns=list(obj["send_dg"].get("returns", [])),
+                calls=calls, writers=writers, gai_entry=gai.get("addr"),
+                gai_returns=list(gai.get("returns", [])))

@@ -1,0 +1,197 @@
+"""A batch diagnosis on kernel probes: nothing in the target is ever stopped or patched
+by gdbdiag, so no way the run ends can harm it.
+
+    identify the target's glibc (its own root) -> analyze the code (no symbols needed)
+    -> each thread's resolver state, read from /proc/PID/mem (already sticky?)
+    -> bpftrace attaches the uprobes (the kernel owns them) -> records -> the core's
+       detector -> findings as they happen; at a doomed poll the blocked stack is
+       unwound from /proc/PID/mem while the thread waits -> report.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import time
+
+from ..core import events as E
+from ..core import render
+from ..core import report as R
+from ..core.detector import Detector
+from . import plan as P
+from . import program
+from .owner import Owner
+from .records import Decoder, RecordError
+
+KEEP_OBSERVATIONS = 20000       # in the report; the stream file (--record) has them all
+
+
+class UprobeRun:
+    def __init__(self, pid: int, mode: str = "armed", say=print, quiet: bool = False,
+                 record: str | None = None, workdir: str | None = None):
+        self.pid, self.mode, self.say, self.quiet = pid, mode, say, quiet
+        self.record = open(record, "a") if record else None
+        self.workdir = workdir
+        self.det: Detector | None = None
+        self.owner: Owner | None = None
+        self.analysis: dict = {}
+        self.observations: collections.deque = collections.deque(maxlen=KEEP_OBSERVATIONS)
+        self.kinds: set[str] = set()
+        self.t0 = time.time()
+        self.records_seen = 0
+        self.bad_records = 0
+        self._names: dict[int, str | None] = {}
+        self.stack_error: str | None = None
+
+    # -- set-up ------------------------------------------------------------------------------
+    def arm(self) -> float:
+        """Analyze, read each thread's state, attach the probes; returns seconds taken."""
+        from ..symbols import identify
+        t = time.monotonic()
+        ident = identify.identify_process(self.pid)
+        self.ident = ident
+        self.analysis = P.analyze(self.pid, ident)
+        plan = P.make_plan(self.pid, ident, self.analysis)
+        field = self.analysis.get("sticky_field")
+        self.det = Detector(flag_probe=bool(plan.writers), sticky_field=field,
+                            resolv_conf_single_request=_resolv_conf_single_request(self.pid))
+        self._status()
+        self.decoder = Decoder(plan.writers, time.time() - time.monotonic(), self._name)
+        self.owner = Owner(program.build(plan, self.mode), workdir=self.workdir)
+        return time.monotonic() - t
+
+    def _name(self, tid: int) -> str | None:
+        if tid not in self._names:
+            try:
+                with open(f"/proc/{self.pid}/task/{tid}/comm") as fh:
+                    self._names[tid] = fh.read().strip()
+            except OSError:
+                self._names[tid] = None
+        return self._names[tid]
+
+    def _status(self) -> None:
+        """Each thread's options/_flags now, without stopping it (its TLS found by walking
+        glibc's thread list in /proc/PID/mem)."""
+        from ..passive import PassiveError, PassiveSampler
+        try:
+            with PassiveSampler(self.pid) as smp:
+                samples = smp.sample()
+        except PassiveError as exc:
+            self.say(f"gdbdiag: threads' resolver state not read ({exc}); sticky threads show "
+                     "up at their next lookup")
+            return
+        for s in samples:
+            if s.options is None:
+                continue
+            ev = E.Event(t=s.t, lwp=s.tid, kind=E.STATUS,
+                         data={"thread_name": s.name, "options": s.options, "flags": s.flags},
+                         prov={"options": "memory", "flags": "memory"})
+            self._feed(ev)
+
+    # -- the run -----------------------------------------------------------------------------
+    def _feed(self, ev: E.Event) -> list[E.Event]:
+        self.observations.append(ev)
+        if self.record:
+            self.record.write(json.dumps(ev.to_json(), sort_keys=True) + "\n")
+        out = self.det.feed(ev)
+        for f in out:
+            if f.kind == E.DOOMED_POLL:
+                self._stack(ev, f)
+            self.kinds.add(f.kind)
+            if self.record:
+                self.record.write(json.dumps(f.to_json(), sort_keys=True) + "\n")
+            if not self.quiet:
+                self.say(render.finding_line(f, self.t0, self.det.thread(f.lwp).name))
+        return out
+
+    def _stack(self, poll: E.Event, finding: E.Event) -> None:
+        """The application stack of a thread that waits in a doomed poll: its registers
+        at the poll call (kernel probe), its stack memory now (it is blocked in poll)."""
+        regs = poll.get("regs")
+        if not regs:
+            return
+        try:
+            from ..unwind import unwind
+            frames = unwind(self.pid, regs)
+        except Exception as exc:          # the diagnosis stands without a stack
+            self.stack_error = f"{type(exc).__name__}: {exc}"
+            return
+        stack = [f.label() for f in frames]
+        finding.data["stack"], finding.prov["stack"] = stack, "memory"
+        th = self.det.thread(finding.lwp)
+        th.stack = stack
+
+    def pump(self, wait: float = 0.1, flush: bool = False) -> None:
+        for line in self.owner.records(wait, flush=flush):
+            self.records_seen += 1
+            try:
+                ev = self.decoder.decode(line)
+            except RecordError:
+                self.bad_records += 1
+                continue
+            if ev is not None:
+                self._feed(ev)
+
+    def loop(self, deadline: float, stop: dict, until: str | None) -> str:
+        """Run until the deadline, a signal (``stop['why']``) or ``until``; returns why."""
+        while True:
+            if stop.get("why"):
+                return stop["why"]
+            if time.monotonic() >= deadline:
+                return "duration"
+            if not self.owner.alive():
+                self.pump(0, flush=True)
+                return "probe owner exited: " + self.owner.stderr_tail()
+            self.pump(0.1)
+            if until == "sticky" and E.STICKY_ENGAGED in self.kinds:
+                return "until"
+            if until == "stall" and E.STALL in self.kinds:
+                return "until"
+
+    def close(self) -> None:
+        if self.owner is not None:
+            self.owner.stop()
+            self.pump(0, flush=True)
+        if self.record:
+            self.record.close()
+            self.record = None
+
+    # -- the report ---------------------------------------------------------------------------
+    def report(self, ended_by: str, arm_s: float | None) -> dict:
+        from ..symbols.facts import glibc_facts
+        a = self.analysis
+        glibc = glibc_facts(self.pid, {"affected_30081": a.get("affected_30081"),
+                                       "sticky_field": a.get("sticky_field"),
+                                       "send_dg_object": a.get("send_dg_object")})
+        glibc["affected_how"] = (a.get(a.get("send_dg_object") or "", {}) or {}).get("fix_30081")
+        target = {"pid": self.pid, "exe": _exe(self.pid), "name": self._name(self.pid)}
+        rep = R.build(self.det, target, glibc, {"source": ["none needed (disassembly)"],
+                                                 "verified": None}, list(self.observations))
+        rep["run"] = {"backend": "uprobe", "mode": self.mode, "ended_by": ended_by,
+                      "attach_to_armed_s": round(arm_s, 3) if arm_s is not None else None,
+                      "records": self.records_seen, "bad_records": self.bad_records,
+                      "lost_records": self.owner.lost if self.owner else None,
+                      "stack_error": self.stack_error}
+        return rep
+
+
+def _exe(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv0 = fh.read().split(b"\0", 1)[0].decode(errors="replace")
+        return argv0 or os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+
+
+def _resolv_conf_single_request(pid: int) -> bool | None:
+    try:
+        with open(f"/proc/{pid}/root/etc/resolv.conf") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        f = line.split()
+        if f and f[0] == "options" and ("single-request" in f[1:] or "single-request-reopen" in f[1:]):
+            return True
+    return False
