@@ -63,8 +63,18 @@ def add_parser(sub) -> None:
                         "debug-file-directory you provide")
     p.add_argument("--offline", action="store_true", help="symbols from the cache only")
     p.add_argument("--step-log", metavar="FILE", help="write every step's dump here")
+    p.add_argument("--record", metavar="FILE",
+                   help="append every observation and finding as JSON lines (the event stream)")
     p.add_argument("--fail-on", choices=("sticky", "stall"),
                    help="exit 1 if a thread is sticky / a stall was seen")
+    p.add_argument("--backend", choices=("uprobe", "gdb"), default="uprobe",
+                   help="uprobe (default): kernel-owned probes run by bpftrace; nothing in the "
+                        "target is stopped or patched by gdbdiag, so no way the run ends (even "
+                        "SIGKILL of any gdbdiag process) can harm it. gdb: software breakpoints "
+                        "(int3) inserted by gdb, for hosts where uprobes are not permitted; "
+                        "REMAINING HAZARD: if gdb dies while a breakpoint is inserted, a thread "
+                        "that reaches it before the supervisor seizes the target is killed by "
+                        "SIGTRAP")
     p.add_argument("--lean", action="store_true", help="fewest probes (see README)")
     p.add_argument("--full", action="store_true",
                    help="every probe for every lookup from the start (costly)")
@@ -209,6 +219,17 @@ def run(args) -> int:
     preflight.check_resolver(pid)
     if args.duration <= 0:
         raise GdbdiagError("--duration must be positive", 2)
+    if args.backend == "uprobe" and not (args.passive and not args.escalate):
+        from .uprobes.owner import ProbeUnavailable, check_available
+        try:
+            check_available()
+        except ProbeUnavailable as exc:
+            _say(f"gdbdiag: kernel probes unavailable: {exc}; sampling passively instead "
+                 "(no ptrace, no breakpoint; --backend gdb inserts breakpoints, if you accept "
+                 "their hazard)")
+            args.passive, args.escalate = True, False
+        else:
+            return _run_uprobe(pid, args, facts)
 
     stop = {"why": None}
 
@@ -339,22 +360,36 @@ def run(args) -> int:
         for s, h in old.items():
             signal.signal(s, h)
     if args.passive and passive_events and rep.get("run", {}).get("mode") != "passive":
-        rep["events"] = sorted(rep["events"] + [_row(e) for e in passive_events], key=lambda e: e["t"])
-        rep["run"]["passive_first"] = True
-        # the switch was seen by the sampler, before gdb attached: its time and cause win
-        for ev in passive_events:
-            if ev.kind == "sticky_engaged":
-                for t in rep["threads"]:
-                    if t["lwp"] == ev.lwp:
-                        t["since"], t["cause"] = ev.t, f"{ev.get('cause')} (passive sampling)"
+        _merge_passive(rep, passive_events)
     rep["symbols"] = sym
+    sup_log = workdir / "supervisor.log"
+    if sup_log.exists():
+        rep["run"]["supervisor"] = sup_log.read_text().strip().splitlines()[-1:]
+    code = _deliver(pid, rep, args, facts)
+    if rep["run"].get("error"):
+        _say(f"gdbdiag: the run's files (event stream, supervisor log) are kept in {workdir}")
+        return EXIT_TOOL
+    shutil.rmtree(workdir, ignore_errors=True)
+    return code
+
+
+def _merge_passive(rep: dict, passive_events: list) -> None:
+    rep["events"] = sorted(rep["events"] + [_row(e) for e in passive_events], key=lambda e: e["t"])
+    rep["run"]["passive_first"] = True
+    # the switch was seen by the sampler, before the probes: its time and cause win
+    for ev in passive_events:
+        if ev.kind == "sticky_engaged":
+            for t in rep["threads"]:
+                if t["lwp"] == ev.lwp:
+                    t["since"], t["cause"] = ev.t, f"{ev.get('cause')} (passive sampling)"
+
+
+def _deliver(pid: int, rep: dict, args, facts: dict) -> int:
+    """Both namespaces' LWPs, the report and timeline printed and written; the exit code."""
     rep["target"]["nspid"] = facts["nspid"]
     rep["target"]["lwp_map"] = lwp_map(pid)
     for t in rep.get("threads", []):
         t["lwp_target"] = rep["target"]["lwp_map"].get(str(t["lwp"]))
-    sup_log = workdir / "supervisor.log"
-    if sup_log.exists():
-        rep["run"]["supervisor"] = sup_log.read_text().strip().splitlines()[-1:]
     from .timeline import terminal
     _say(render.report_text(rep))
     _say(terminal(rep))
@@ -364,15 +399,61 @@ def run(args) -> int:
         from .timeline import write_html
         write_html(rep, args.timeline)
     code = rep["verdict"]["code"]
-    if rep["run"].get("error"):
-        _say(f"gdbdiag: the run's files (event stream, supervisor log) are kept in {workdir}")
-        return EXIT_TOOL
-    shutil.rmtree(workdir, ignore_errors=True)
     if args.fail_on == "sticky" and code in ("STICKY_NO_STALL", "STICKY_STALLING"):
         return EXIT_FAIL_ON
     if args.fail_on == "stall" and code in ("STICKY_STALLING", "STALLING_NOT_STICKY"):
         return EXIT_FAIL_ON
     return EXIT_OK
+
+
+def _signals(stop: dict) -> dict:
+    def on_signal(signum, frame):
+        stop["why"] = signal.Signals(signum).name
+    return {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+
+
+def _run_uprobe(pid: int, args, facts: dict) -> int:
+    """Kernel probes (the default): nothing gdbdiag does can stop or patch the target."""
+    from .uprobes.owner import ProbeUnavailable
+    from .uprobes.plan import NoPlan
+    from .uprobes.run import UprobeRun
+    stop = {"why": None}
+    old = _signals(stop)
+    t_start = time.monotonic()
+    deadline = t_start + args.duration
+    passive_events = []
+    mode = "full" if args.full else "lean" if args.lean else "armed"
+    run_ = UprobeRun(pid, mode, say=_say, quiet=args.quiet, record=args.record,
+                     step_log=args.step_log)
+    try:
+        if args.passive:
+            res, suspect = _run_passive(pid, args, stop, deadline)
+            passive_events = res["events"]
+            if suspect is None or stop["why"] or deadline - time.monotonic() <= 1:
+                rep = _passive_report(pid, res, facts)
+                return _deliver(pid, rep, args, facts)
+            if not args.quiet:
+                _say(f"gdbdiag: escalating: kernel probes on {pid} for the remaining "
+                     f"{deadline - time.monotonic():.0f} s")
+        try:
+            arm_s = run_.arm()
+        except (ProbeUnavailable, NoPlan) as exc:
+            raise GdbdiagError(f"kernel probes: {exc}") from exc
+        if not args.quiet:
+            _say(f"gdbdiag: {run_.armed_line(arm_s)}; {pid} ({facts['name']}, {facts['threads']} "
+                 f"threads); tracing for up to {deadline - time.monotonic():.0f} s (Ctrl-C ends "
+                 "the run cleanly)")
+        ended = run_.loop(deadline, stop, args.until)
+        if stop["why"] and not args.quiet:
+            _say(f"gdbdiag: {stop['why']}: ending the run (the kernel removes the probes)")
+    finally:
+        run_.close()
+        for s, h in old.items():
+            signal.signal(s, h)
+    rep = run_.report(ended, arm_s)
+    if passive_events:
+        _merge_passive(rep, passive_events)
+    return _deliver(pid, rep, args, facts)
 
 
 def _prefetch_source(pid: int, quiet: bool) -> None:

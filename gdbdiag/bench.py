@@ -24,7 +24,10 @@ from tabulate import tabulate
 from .errors import EXIT_OK
 from .lab import container
 
-MODES = ("unarmed", "armed", "lean", "passive", "strace", "ebpf")
+# uprobe-*: the kernel-probe backend (the default of attach); gdb-*: --backend gdb
+MODES = ("unarmed", "uprobe-armed", "uprobe-lean", "uprobe-full", "passive", "gdb-armed",
+         "gdb-lean", "strace", "ebpf")
+DETECT_MODES = ("uprobe-armed", "uprobe-lean", "passive", "gdb-armed")
 RECORDS = ("keydb-0.keydb=A:10.244.1.9", "keydb-0.keydb=AAAA:fd00::9")
 
 
@@ -35,6 +38,8 @@ def add_parser(sub) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--phase-seconds", type=float, default=4.0)
     p.add_argument("--release", default="bullseye")
+    p.add_argument("--modes", default=",".join(MODES[1:]),
+                   help="comma-separated modes of the latency part (unarmed is always measured)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: "
                    "latency,throughput,attach,detect")
     p.set_defaults(func=run)
@@ -49,17 +54,26 @@ class Tool:
         self.proc = None
         self.gdb = None
         self.passive = None
+        self.uprobe = None
         self._thread = None
         self._stop = threading.Event()
         self.events = []
 
     def start(self) -> None:
         m = self.mode
-        if m in ("armed", "lean"):
+        if m.startswith("uprobe-"):
+            from .uprobes.run import UprobeRun
+            self.uprobe = UprobeRun(self.pid, m.split("-", 1)[1], quiet=True)
+            self.uprobe.say = lambda line: self.on_line(line, time.time())
+            self.uprobe.quiet = False
+            self.uprobe.arm()
+            self._thread = threading.Thread(target=self._pump_uprobe, daemon=True)
+            self._thread.start()
+        elif m.startswith("gdb-"):
             from .gdbdrive import Gdb, setup_commands
             cmds, _ = setup_commands(self.pid, offline=True)
             self.gdb = Gdb(self.pid, cmds)
-            self.gdb.cmd("resolv trace" + (" --lean" if m == "lean" else ""))
+            self.gdb.cmd("resolv trace" + (" --lean" if m == "gdb-lean" else ""))
             self.gdb.cont()
             self._thread = threading.Thread(target=self._pump_gdb, daemon=True)
             self._thread.start()
@@ -88,6 +102,10 @@ class Tool:
                     break
             time.sleep(0.5)
 
+    def _pump_uprobe(self):
+        while not self._stop.is_set() and self.uprobe.owner.alive():
+            self.uprobe.pump(0.1)
+
     def _pump_gdb(self):
         seen = 0
         while not self._stop.is_set():
@@ -112,6 +130,8 @@ class Tool:
             self._thread.join(10)
         if self.gdb is not None:
             self.gdb.close()
+        if self.uprobe is not None:
+            self.uprobe.close()
         if self.proc is not None:
             try:
                 os.killpg(self.proc.pid, signal.SIGINT)
@@ -138,17 +158,19 @@ def _stats(xs: list[float]) -> dict:
 
 
 # -- the parts ---------------------------------------------------------------------------
-def bench_latency(release, rounds, secs, log) -> dict:
-    """getaddrinfo latency per mode, from the resolver workload's own lookup log."""
+def bench_latency(release, rounds, secs, log, modes=MODES) -> dict:
+    """The loop workload: one thread calling getaddrinfo back to back (healthy DNS); its
+    latency per mode from the workload's own lookup log, and lookups per second."""
     name = f"bench-lat-{os.getpid() % 10000}"
     lab = container.up(container.LabSpec(name=name, release=release, workload="resolver",
-                                         names=("keydb-0.keydb",), interval=0.02, fault="none",
+                                         names=("keydb-0.keydb",), interval=0.0, fault="none",
                                          records=RECORDS))
     try:
-        _warm_symbols(lab.pid)
-        windows = {m: [] for m in MODES}
+        if any(m.startswith("gdb-") for m in modes):
+            _warm_symbols(lab.pid)
+        windows = {m: [] for m in modes}
         for r in range(rounds):
-            for m in MODES:
+            for m in modes:
                 tool = Tool(m, lab.pid)
                 if m != "unarmed":
                     tool.start()
@@ -164,8 +186,9 @@ def bench_latency(release, rounds, secs, log) -> dict:
             xs = [rec["seconds"] * 1000 for rec in recs
                   if any(a <= rec["t"] and rec["t"] + rec["seconds"] <= b for a, b in ws)]
             out[m] = _stats(xs)
+            out[m]["lookups_per_s"] = round(len(xs) / sum(b - a for a, b in ws), 1)
         base = out["unarmed"]["median_ms"]
-        for m in MODES:
+        for m in modes:
             out[m]["ratio"] = round(out[m]["median_ms"] / base, 3) if base and out[m]["median_ms"] else None
         return out
     finally:
@@ -177,8 +200,8 @@ def bench_throughput(release, rounds, secs, log) -> dict:
     lab = container.up(container.LabSpec(name=name, release=release, workload="redis",
                                          fault="none", records=RECORDS))
     try:
+        counts = {m: [] for m in ("unarmed", "uprobe-armed", "uprobe-full", "passive", "gdb-armed")}
         _warm_symbols(lab.pid)
-        counts = {m: [] for m in ("unarmed", "armed", "lean", "passive")}
         for r in range(rounds):
             for m in counts:
                 tool = Tool(m, lab.pid)
@@ -198,21 +221,24 @@ def bench_throughput(release, rounds, secs, log) -> dict:
 
 
 def bench_attach(release, log) -> dict:
+    """attach -> armed with kernel probes: warm cache, and cold (empty cache, no network:
+    `unshare -n`, so nothing can be fetched)."""
     name = f"bench-att-{os.getpid() % 10000}"
     lab = container.up(container.LabSpec(name=name, release=release, workload="redis", fault="none"))
     try:
         cold_dir = tempfile.mkdtemp(prefix="gdbdiag-cold-")
         out = {}
-        for label, env in (("cold", {"GDBDIAG_CACHE": cold_dir}), ("warm", {})):
+        for label, env, pre in (("cold", {"GDBDIAG_CACHE": cold_dir}, ["unshare", "-n"]),
+                                ("warm", {}, [])):
+            rep = Path(cold_dir) / f"{label}.json"
             t0 = time.monotonic()
-            r = subprocess.run([sys.executable, "-m", "gdbdiag.cli", "attach", str(lab.pid),
-                                "--duration", "1"],
-                               capture_output=True, text=True, timeout=600,
-                               env=dict(os.environ, **env))
-            armed = [l for l in r.stdout.splitlines() if l.startswith("gdbdiag: armed in")]
-            out[f"attach_to_armed_{label}_s"] = float(armed[0].split()[3]) if armed else None
+            subprocess.run(pre + [sys.executable, "-m", "gdbdiag.cli", "attach", str(lab.pid),
+                                  "--duration", "1", "--quiet", "--json", str(rep)],
+                           capture_output=True, text=True, timeout=600, env=dict(os.environ, **env))
+            armed = json.loads(rep.read_text())["run"].get("attach_to_armed_s") if rep.exists() else None
+            out[f"attach_to_armed_{label}_s"] = armed
             out[f"attach_total_{label}_s"] = round(time.monotonic() - t0, 2)
-            log(f"   attach -> armed, {label} cache: {out[f'attach_to_armed_{label}_s']} s")
+            log(f"   attach -> armed, {label}: {armed} s")
         shutil.rmtree(cold_dir, ignore_errors=True)
         return out
     finally:
@@ -222,7 +248,7 @@ def bench_attach(release, log) -> dict:
 def bench_detect(release, log) -> dict:
     """Lost AAAA -> sticky_engaged report; doomed poll report -> its timeout, per mode."""
     out = {}
-    for m in ("armed", "lean", "passive"):
+    for m in DETECT_MODES:
         name = f"bench-det-{m}-{os.getpid() % 10000}"
         lab = container.up(container.LabSpec(name=name, release=release, workload="redis", fault="none"))
         lines = []
@@ -287,8 +313,10 @@ def run(args) -> int:
     res = {"machine": machine(), "release": args.release, "rounds": args.rounds,
            "phase_seconds": args.phase_seconds}
     if "latency" not in skip:
-        log("== getaddrinfo latency (resolver workload, healthy DNS, 8 queries per lookup)")
-        res["latency"] = bench_latency(args.release, args.rounds, args.phase_seconds, log)
+        log("== getaddrinfo latency (loop workload: one thread, back to back, healthy DNS, "
+            "8 queries per lookup)")
+        modes = tuple(m for m in MODES if m == "unarmed" or m in args.modes.split(","))
+        res["latency"] = bench_latency(args.release, args.rounds, args.phase_seconds, log, modes)
     if "throughput" not in skip:
         log("== Redis GET throughput")
         res["throughput"] = bench_throughput(args.release, args.rounds, args.phase_seconds, log)
@@ -299,7 +327,7 @@ def run(args) -> int:
         log("== time to diagnosis")
         res["detect"] = bench_detect(args.release, log)
     lat = res.get("latency", {})
-    for m in ("armed", "lean", "passive", "strace", "ebpf"):
+    for m in MODES[1:]:
         if m in lat:
             res[f"overhead_ratio_{m}"] = lat[m].get("ratio")
     det = res.get("detect", {})
@@ -315,15 +343,17 @@ def render(res: dict) -> str:
     out = []
     lat = res.get("latency")
     if lat:
-        rows = [[m, lat[m]["n"], lat[m]["median_ms"], lat[m]["p99_ms"], lat[m]["ratio"]] for m in MODES if m in lat]
-        out.append(tabulate(rows, headers=["getaddrinfo", "lookups", "median ms", "p99 ms", "ratio to unarmed"]))
+        rows = [[m, lat[m]["n"], lat[m].get("lookups_per_s"), lat[m]["median_ms"], lat[m]["p99_ms"],
+                 lat[m]["ratio"]] for m in MODES if m in lat]
+        out.append(tabulate(rows, headers=["getaddrinfo loop", "lookups", "lookups/s", "median ms",
+                                           "p99 ms", "ratio to unarmed"]))
     thr = res.get("throughput")
     if thr:
         rows = [[m, v["gets_per_s"], v["ratio"]] for m, v in thr.items()]
         out.append(tabulate(rows, headers=["redis GET", "GET/s", "ratio to unarmed"]))
     if "attach_to_armed_warm_s" in res:
-        out.append(f"attach -> armed: warm cache {res['attach_to_armed_warm_s']} s, "
-                   f"cold cache {res['attach_to_armed_cold_s']} s")
+        out.append(f"attach -> armed (kernel probes): warm cache {res['attach_to_armed_warm_s']} s, "
+                   f"empty cache and no network {res['attach_to_armed_cold_s']} s")
     det = res.get("detect")
     if det:
         rows = [[m, d.get("sticky_report_delay_ms"), d.get("sticky_report_after_switch_ms"),

@@ -78,6 +78,8 @@ class Owner:
                                      stderr=self.errlog, env=env, preexec_fn=_child_setup,
                                      start_new_session=True, text=True, bufsize=1)
         self.lost = 0
+        self.ready_ns = None
+        self.stop_ns = None
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._heap: list = []
         self._seq = 0
@@ -101,7 +103,8 @@ class Owner:
                 line = self._q.get(timeout=0.05)
             except queue.Empty:
                 continue
-            if line == "READY":
+            if line.startswith("READY "):
+                self.ready_ns = int(line.split()[1])
                 return
             if line is None:
                 break
@@ -150,10 +153,15 @@ class Owner:
             ns = int(f[2])
         except (IndexError, ValueError):
             return
+        if (self.ready_ns is not None and ns < self.ready_ns) or \
+                (self.stop_ns is not None and ns >= self.stop_ns):
+            return              # the probe set was incomplete (attaching / detaching)
         self._seq += 1
         heapq.heappush(self._heap, (ns, self._seq, line))
 
     def stop(self, timeout: float = 3.0) -> None:
+        if self.stop_ns is None:
+            self.stop_ns = time.monotonic_ns()
         if self.proc.poll() is None:
             try:
                 self.proc.send_signal(signal.SIGINT)

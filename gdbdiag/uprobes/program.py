@@ -66,7 +66,9 @@ def build(plan: Plan, mode: str = "armed") -> str:
     me = f"pid == {plan.pid}"
     det = me if full else f"{me} && @d[tid]"
     lib = plan.send_dg_file
-    out = ["BEGIN { printf(\"READY\\n\"); }\n"]
+    # BEGIN runs once every probe is attached: records before it may come from a
+    # half-attached set, and are dropped (as are those after the owner is told to stop)
+    out = ["BEGIN { printf(\"READY %lu\\n\", nsecs); }\n"]
     out += _gai(plan, me if mode != "lean" else det)
     out += _send_dg_entry(plan, me, full)
     for c in plan.calls:

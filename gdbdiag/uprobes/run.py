@@ -28,9 +28,11 @@ KEEP_OBSERVATIONS = 20000       # in the report; the stream file (--record) has 
 
 class UprobeRun:
     def __init__(self, pid: int, mode: str = "armed", say=print, quiet: bool = False,
-                 record: str | None = None, workdir: str | None = None):
+                 record: str | None = None, workdir: str | None = None,
+                 step_log: str | None = None):
         self.pid, self.mode, self.say, self.quiet = pid, mode, say, quiet
         self.record = open(record, "a") if record else None
+        self.step_log = open(step_log, "a") if step_log else None
         self.workdir = workdir
         self.det: Detector | None = None
         self.owner: Owner | None = None
@@ -94,6 +96,10 @@ class UprobeRun:
         if self.record:
             self.record.write(json.dumps(ev.to_json(), sort_keys=True) + "\n")
         out = self.det.feed(ev)
+        if self.step_log and ev.kind != E.STATUS:
+            rows = self.det.dump(ev)
+            self.step_log.write(f"== +{ev.t - self.t0:.6f}s LWP {ev.lwp} {ev.kind}\n" + "".join(
+                f"   {k:<24} {v}  [{how}]\n" for k, v, how in rows))
         for f in out:
             if f.kind == E.DOOMED_POLL:
                 self._stack(ev, f)
@@ -152,9 +158,20 @@ class UprobeRun:
         if self.owner is not None:
             self.owner.stop()
             self.pump(0, flush=True)
-        if self.record:
-            self.record.close()
-            self.record = None
+        for fh in (self.record, self.step_log):
+            if fh:
+                fh.close()
+        self.record = self.step_log = None
+
+    def armed_line(self, arm_s: float) -> str:
+        a = self.analysis
+        obj = a.get(a.get("send_dg_object") or "", {}) or {}
+        fix = obj.get("fix_30081") or {}
+        verdict = {True: "affected", False: "fixed", None: "unknown"}[a.get("affected_30081")]
+        return (f"armed in {arm_s:.2f} s with kernel probes ({self.mode} mode, no debug symbols "
+                f"needed); bug 30081 in this build: {verdict} ({fix.get('how', 'instruction flow')}"
+                + (f": {fix['reason']}" if fix.get("reason") and verdict == "unknown" else "")
+                + f"); sticky bit in {a.get('sticky_field') or '?'}")
 
     # -- the report ---------------------------------------------------------------------------
     def report(self, ended_by: str, arm_s: float | None) -> dict:
