@@ -443,6 +443,7 @@ def _run_uprobe(pid: int, args, facts: dict) -> int:
             _say(f"gdbdiag: {run_.armed_line(arm_s)}; {pid} ({facts['name']}, {facts['threads']} "
                  f"threads); tracing for up to {deadline - time.monotonic():.0f} s (Ctrl-C ends "
                  "the run cleanly)")
+        run_.release()
         ended = run_.loop(deadline, stop, args.until)
         if stop["why"] and not args.quiet:
             _say(f"gdbdiag: {stop['why']}: ending the run (the kernel removes the probes)")

@@ -27,7 +27,7 @@ from .fix30081 import decide_fix
 
 __all__ = ["ANALYZER_VERSION", "analyze_object", "analyze_target", "default_analysis_dir", "AnalysisError"]
 
-ANALYZER_VERSION = 2
+ANALYZER_VERSION = 3
 
 
 class AnalysisError(Exception):
@@ -111,7 +111,7 @@ def _send_dg_facts(img: ElfImage, fn: tuple, main_insns, writers) -> dict:
         warnings.append(f"send_dg leaves by {len(tail)} tail jump(s): returns seen only at ret")
     return {"send_dg": {"start": fn[0], "end": fn[1], "file_offset": img.off(fn[0]),
                         "cold": [{"start": a, "end": b, "file_offset": img.off(a)} for a, b in cold],
-                        "returns": rets},
+                        "returns": [{"addr": r, "file_offset": img.off(r)} for r in rets]},
             "calls": calls, "fix_30081": fix, "warnings": warnings,
             "sticky_field": snglkup[0]["field"], "reads__flags": _reads_flags(insns)}
 
@@ -136,7 +136,8 @@ def _function_facts(img: ElfImage, name: str) -> dict | None:
     fn = img.function_at(g.value)
     if fn is not None:
         rets, tail = returns(C.disassemble(img, [fn]), [fn])
-        out.update(end=fn[1], returns=rets, tail_jumps=tail)
+        out.update(end=fn[1], returns=[{"addr": r, "file_offset": img.off(r)} for r in rets],
+                   tail_jumps=tail)
     return out
 
 

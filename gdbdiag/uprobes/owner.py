@@ -1,27 +1,22 @@
-"""The owner of the kernel probes: a bpftrace process, and the records it prints.
+"""The owner of the kernel probes: this process, through its perf event descriptors.
 
-Safety by construction: the probes are kernel uprobes attached through perf file
-descriptors that bpftrace holds. Whatever ends bpftrace — our SIGTERM, the OOM killer,
-a SIGKILL, our own death (PR_SET_PDEATHSIG) — the kernel closes the descriptors and
-removes every probe from the target's text; a thread that was executing one is
-single-stepped or restarted by the kernel itself. There is nothing to restore.
+Safety by construction: each probe is a kernel uprobe created by perf_event_open(2) on
+the target's file, with a BPF program attached; the descriptor belongs to the gdbdiag
+process. Whatever ends that process — a clean exit, Ctrl-C, SIGTERM, the OOM killer,
+SIGKILL — the kernel closes its descriptors and removes every probe from the target's
+text. A thread inside a probe hit is finished or restarted by the kernel itself: there
+is nothing for anyone to restore, and no signal ever reaches the target.
 """
 from __future__ import annotations
 
-import ctypes
-import heapq
 import os
-import queue
-import shutil
-import signal
-import subprocess
-import tempfile
-import threading
+import struct
 import time
 
-PR_SET_PDEATHSIG = 1
-REORDER_S = 0.05          # records arrive per CPU; hold them this long to order by time
+from . import bpf, program
+
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+RING_BYTES = 1 << 22
 
 
 class ProbeUnavailable(Exception):
@@ -36,138 +31,73 @@ def effective_caps(pid: str | int = "self") -> int:
     return 0
 
 
-def check_available() -> str:
-    """The bpftrace binary, or ProbeUnavailable with why not."""
-    exe = shutil.which("bpftrace")
-    if exe is None:
-        raise ProbeUnavailable("bpftrace is not installed (Debian package bpftrace)")
+def check_available() -> None:
+    """ProbeUnavailable with why not, when this process cannot own uprobes."""
     caps = effective_caps()
     has = lambda c: bool(caps >> c & 1)          # noqa: E731
     if not (has(CAP_SYS_ADMIN) or (has(CAP_PERFMON) and has(CAP_BPF))):
-        raise ProbeUnavailable("kernel uprobes need CAP_SYS_ADMIN, or CAP_PERFMON and CAP_BPF "
-                               "(this process has neither)")
-    if not os.path.exists("/sys/bus/event_source/devices/uprobe"):
+        raise ProbeUnavailable("kernel uprobes need CAP_PERFMON and CAP_BPF (or CAP_SYS_ADMIN); "
+                               "this process has neither")
+    if not os.path.exists("/sys/bus/event_source/devices/uprobe/type"):
         raise ProbeUnavailable("this kernel has no uprobe PMU (CONFIG_UPROBE_EVENTS)")
-    return exe
 
 
-def _child_setup():
-    # die with the runner: the kernel then removes the probes with bpftrace's descriptors
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    try:
-        with open("/proc/self/oom_score_adj", "w") as fh:
-            fh.write("500")           # if memory runs out, the probe owner goes first
-    except OSError:
-        pass
+class Probes:
+    """The probes of ``plan`` in ``mode``, attached; ``records()`` returns what they wrote."""
 
-
-class Owner:
-    """bpftrace running ``program``; ``records()`` yields its lines in time order."""
-
-    def __init__(self, program: str, workdir: str | None = None, ready_timeout: float = 20.0):
-        exe = check_available()
-        self._dir = workdir or tempfile.mkdtemp(prefix="gdbdiag-bpf-")
-        self.path = os.path.join(self._dir, "probes.bt")
-        with open(self.path, "w") as fh:
-            fh.write(program)
-        env = dict(os.environ, BPFTRACE_STRLEN="200", BPFTRACE_MAP_KEYS_MAX="65536",
-                   BPFTRACE_PERF_RB_PAGES="256")
-        self.errlog = open(os.path.join(self._dir, "bpftrace.err"), "w+")
-        self.proc = subprocess.Popen([exe, "--unsafe", "-B", "line", self.path],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=self.errlog, env=env, preexec_fn=_child_setup,
-                                     start_new_session=True, text=True, bufsize=1)
-        self.lost = 0
-        self.ready_ns = None
-        self.stop_ns = None
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
-        self._heap: list = []
-        self._seq = 0
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self._wait_ready(ready_timeout)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self._q.put(line.rstrip("\n"))
-        self._q.put(None)
-
-    def _wait_ready(self, timeout: float):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self._q.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            if line.startswith("READY "):
-                self.ready_ns = int(line.split()[1])
-                return
-            if line is None:
-                break
-        self.stop()
-        raise ProbeUnavailable("bpftrace could not attach the probes: " + self.stderr_tail())
-
-    def stderr_tail(self, n: int = 3) -> str:
+    def __init__(self, plan: program.Plan, mode: str = "armed"):
+        check_available()
+        self.fds: list[int] = []
+        self.maps: dict[str, int] = {}
+        self.ring = None
         try:
-            self.errlog.seek(0)
-            lines = [l.strip() for l in self.errlog.read().splitlines()
-                     if l.strip() and "RLIMIT_MEMLOCK" not in l and "WARNING" not in l]
-        except (OSError, ValueError):
-            return "?"
-        return " | ".join(lines[-n:]) or f"exit status {self.proc.poll()}"
+            self._attach(plan, mode)
+        except BaseException:
+            self.close()
+            raise
 
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def records(self, wait: float = 0.05, flush: bool = False) -> list[str]:
-        """Lines that are older than the reorder window (all of them if ``flush``),
-        in kernel time order."""
+    def _attach(self, plan, mode):
         try:
-            line = self._q.get(timeout=wait)
-            while True:
-                self._push(line)
-                line = self._q.get_nowait()
-        except queue.Empty:
-            pass
-        horizon = None if flush else int((time.monotonic() - REORDER_S) * 1e9)
+            self.maps["state"] = bpf.map_create(bpf.MAP_LRU_HASH, 8, 8, 65536)
+            self.maps["ring"] = bpf.map_create(bpf.MAP_RINGBUF, 0, 0, RING_BYTES)
+            self.maps["lost"] = bpf.map_create(bpf.MAP_ARRAY, 4, 8, 1)
+            self.probes = program.build(plan, self.maps, mode)
+            pmu = bpf.uprobe_pmu_type()
+            for p in self.probes:
+                prog = bpf.prog_load(p.code, f"gdbdiag_{p.kind or 'save'}{p.id}")
+                try:
+                    self.fds.append(bpf.uprobe_open(p.file, p.offset, plan.pid, prog, pmu))
+                finally:
+                    os.close(prog)           # the perf event holds the program
+        except bpf.BpfError as exc:
+            raise ProbeUnavailable(str(exc)) from None
+        self.ring = bpf.RingReader(self.maps["ring"], RING_BYTES)
+        # records from before the last probe was attached may come from a partial set
+        self.ready_ns = time.monotonic_ns()
+
+    def records(self) -> list[bytes]:
+        if self.ring is None:
+            return []
         out = []
-        while self._heap and (horizon is None or self._heap[0][0] <= horizon):
-            out.append(heapq.heappop(self._heap)[2])
+        for rec in self.ring.read():
+            if len(rec) >= 16 and struct.unpack_from("<Q", rec, 8)[0] >= self.ready_ns:
+                out.append(rec)
         return out
 
-    def _push(self, line):
-        if line is None:
-            return
-        if line.startswith("Lost "):
-            try:
-                self.lost += int(line.split()[1])
-            except (IndexError, ValueError):
-                pass
-            return
-        f = line.split(" ", 3)
-        try:
-            ns = int(f[2])
-        except (IndexError, ValueError):
-            return
-        if (self.ready_ns is not None and ns < self.ready_ns) or \
-                (self.stop_ns is not None and ns >= self.stop_ns):
-            return              # the probe set was incomplete (attaching / detaching)
-        self._seq += 1
-        heapq.heappush(self._heap, (ns, self._seq, line))
+    @property
+    def lost(self) -> int:
+        if "lost" not in self.maps:
+            return 0
+        v = bpf.map_lookup(self.maps["lost"], struct.pack("<I", 0), 8)
+        return struct.unpack("<Q", v)[0] if v else 0
 
-    def stop(self, timeout: float = 3.0) -> None:
-        if self.stop_ns is None:
-            self.stop_ns = time.monotonic_ns()
-        if self.proc.poll() is None:
-            try:
-                self.proc.send_signal(signal.SIGINT)
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._reader.join(timeout=1)
-        self.errlog.close()
+    def close(self) -> None:
+        for fd in self.fds:            # first the probes: the target is untouched from here
+            os.close(fd)
+        self.fds = []
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+        for fd in self.maps.values():
+            os.close(fd)
+        self.maps = {}

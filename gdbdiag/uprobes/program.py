@@ -1,10 +1,11 @@
-"""The bpftrace program for one target: uprobes at the analyzer's probe points.
+"""The probes for one target: a small eBPF program per probe point, and its record layout.
 
 Every probe reads what the gdb probes read at the same PC — registers by the x86-64 ABI
-at call sites of exported functions, memory through the pointers they hold — and prints
-one line (a *record*, decoded by :mod:`.records`). Nothing is ever written to the target.
+at call sites of exported functions, memory through the pointers they hold — and writes
+one binary record into a ring buffer (decoded by :mod:`.records`). Nothing is ever
+written to the target.
 
-Modes (what produces records; the probes themselves cost ~1 µs per hit in the kernel):
+Modes (what produces records; a probe hit costs ~1-2 µs in the kernel either way):
 
 - ``lean``: the sticky-bit writers, always; send_dg's probes for *detailed* threads only.
 - ``armed`` (default): lean plus getaddrinfo's entry and returns for every thread.
@@ -13,24 +14,34 @@ Modes (what produces records; the probes themselves cost ~1 µs per hit in the k
 A thread is *detailed* once the kernel has seen its resolver state in single-request
 mode: at send_dg's entry (``(options | _flags) & (SNGLKUP|SNGLKUPREOP)``) or at a
 sticky-bit write. The filter runs in the BPF program, so a healthy thread costs no
-output at all in lean mode.
+record at all in lean mode.
+
+Per-thread scratch state lives in one LRU hash map keyed ``slot << 32 | tid``: slot 0 is
+"detailed", the others hold pointers a call probe saw for its return probe.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
-QWORDS = 16          # a query packet is read as 16 little-endian u64 words (128 bytes)
+from . import bpf
+from .bpf import (ADD, AND, FP, JEQ, JNE, LSH, OR, PT_REGS, R0, R1, R2, R3, R4, R6, R7, R8,
+                  RSH, Asm)
+
+QLEN = 128           # bytes of a query packet kept
+NAMELEN = 128        # bytes of getaddrinfo's name
+HDR = 16             # u32 probe id, u32 tid, u64 CLOCK_MONOTONIC ns
 STICKY_MASK = 0x600000
+SLOT_DETAIL, SLOT_BUF1, SLOT_BUF2, SLOT_PFD, SLOT_SEND, SLOT_RECV = range(6)
+PROBE_READ_USER_STR = 114
 
 
 @dataclass
 class Plan:
-    """Where the probes go, as virtual addresses of the objects (bpftrace converts a
-    ``uprobe:FILE:0xADDR`` address to a file offset itself)."""
+    """Where the probes go: file offsets in the objects (host paths into the target's
+    root), as the analyzer found them."""
     pid: int
-    send_dg_file: str                   # host path to the object holding send_dg
-    libc_file: str                      # host path to libc (getaddrinfo)
+    send_dg_file: str
+    libc_file: str
     send_dg_entry: int
     send_dg_returns: list[int] = field(default_factory=list)
     calls: list[dict] = field(default_factory=list)      # {kind, site, call, ret}
@@ -41,108 +52,223 @@ class Plan:
     flags_off: int = 0x1F8
 
 
-def bpf_reg(name: str) -> str:
-    """x86-64 register name as bpftrace's reg() wants it: rdi -> di, r15 -> r15."""
-    name = name.lstrip("%")
-    if name.startswith("r") and not name[1:].isdigit() and not name[1:2].isdigit():
-        return name[1:]
-    return name
+@dataclass
+class Probe:
+    """One probe point: its program, and what its record holds."""
+    id: int
+    kind: str                 # record kind, see records.py
+    file: str
+    offset: int
+    code: bytes
+    size: int                 # record size (0: the probe writes no record)
+    meta: dict = field(default_factory=dict)
 
 
-def _qwords(ptr: str) -> tuple[str, str]:
-    fmt = " %lx" * QWORDS
-    args = "".join(f", *(uint64*)({ptr} + {8 * i})" for i in range(QWORDS))
-    return fmt, args
+class Gen:
+    """Code generation for one probe program."""
+
+    def __init__(self, pid: int, maps: dict, probe_id: int, detail_only: bool):
+        self.a, self.maps, self.id = Asm(), maps, probe_id
+        a = self.a
+        a.mov(R6, R1)                                     # r6 = struct pt_regs *
+        a.call(bpf.PID_TGID)
+        a.mov(R7, R0).alu(RSH, R7, 32)
+        a.jmp(JNE, R7, "out", imm=pid)                    # another process: nothing
+        a.mov(R7, R0).alu(LSH, R7, 32).alu(RSH, R7, 32)   # r7 = tid
+        if detail_only:
+            self.lookup(SLOT_DETAIL)
+            a.jmp(JEQ, R0, "out", imm=0)
+
+    def key(self, slot: int, at: int = -8):
+        a = self.a
+        a.movi(R1, slot).alu(LSH, R1, 32).alu(OR, R1, src=R7).stx(8, FP, at, R1)
+
+    def lookup(self, slot: int):
+        a = self.a
+        self.key(slot)
+        a.ld_map(R1, self.maps["state"]).mov(R2, FP).alu(ADD, R2, -8).call(bpf.MAP_LOOKUP)
+
+    def save(self, slot: int, reg: str | None = None, value: int | None = None):
+        """state[slot, tid] = register (or a constant)."""
+        a = self.a
+        self.key(slot)
+        if reg is not None:
+            a.ldx(8, R1, R6, PT_REGS[reg])
+        else:
+            a.movi(R1, value)
+        a.stx(8, FP, -16, R1)
+        a.ld_map(R1, self.maps["state"]).mov(R2, FP).alu(ADD, R2, -8)
+        a.mov(R3, FP).alu(ADD, R3, -16).movi(R4, 0).call(bpf.MAP_UPDATE)
+
+    def forget(self, slot: int):
+        a = self.a
+        self.key(slot)
+        a.ld_map(R1, self.maps["state"]).mov(R2, FP).alu(ADD, R2, -8).call(bpf.MAP_DELETE)
+
+    def reserve(self, size: int):
+        a = self.a
+        a.ld_map(R1, self.maps["ring"]).movi(R2, size).movi(R3, 0).call(bpf.RINGBUF_RESERVE)
+        a.mov(R8, R0).jmp(JNE, R8, "got", imm=0)
+        # ring full: count the lost record
+        a.sti(4, FP, -4, 0).ld_map(R1, self.maps["lost"]).mov(R2, FP).alu(ADD, R2, -4)
+        a.call(bpf.MAP_LOOKUP).jmp(JEQ, R0, "out", imm=0)
+        a.movi(R1, 1).xadd(R0, 0, R1).ja("out")
+        a.label("got")
+        a.sti(4, R8, 0, self.id).stx(4, R8, 4, R7)
+        a.call(bpf.KTIME_NS).stx(8, R8, 8, R0)
+
+    def reg(self, name: str, off: int):
+        self.a.ldx(8, R1, R6, PT_REGS[name]).stx(8, R8, off, R1)
+
+    def saved(self, slot: int, off: int):
+        """record[off] = state[slot, tid] (0 when absent)."""
+        a = self.a
+        self.lookup(slot)
+        a.movi(R1, 0).jmp(JEQ, R0, f"none{off}", imm=0).ldx(8, R1, R0, 0)
+        a.label(f"none{off}").stx(8, R8, off, R1)
+
+    def read(self, off: int, n: int, src_off: int | None = None, reg: str | None = None,
+             disp: int = 0, string: bool = False):
+        """record[off:off+n] = target memory at (record[src_off] or register) + disp."""
+        a = self.a
+        if reg is not None:
+            a.ldx(8, R3, R6, PT_REGS[reg])
+        else:
+            a.ldx(8, R3, R8, src_off)
+        if disp:
+            a.alu(ADD, R3, disp)
+        if n < 8 and not string:
+            a.sti(8, R8, off, 0)                          # the rest of the slot stays 0
+        a.mov(R1, R8).alu(ADD, R1, off).movi(R2, n)
+        a.call(PROBE_READ_USER_STR if string else bpf.PROBE_READ_USER)
+
+    def submit(self):
+        a = self.a
+        a.mov(R1, R8).movi(R2, bpf.RB_NO_WAKEUP).call(bpf.RINGBUF_SUBMIT)
+
+    def done(self) -> bytes:
+        self.a.label("out").movi(R0, 0).exit()
+        return self.a.bytes()
 
 
-def _probe(path: str, addr: int, pred: str, body: str) -> str:
-    return f"uprobe:{path}:{addr:#x} /{pred}/ {{\n{body}\n}}\n"
-
-
-def build(plan: Plan, mode: str = "armed") -> str:
+# -- the probes --------------------------------------------------------------------------------
+def build(plan: Plan, maps: dict, mode: str = "armed") -> list[Probe]:
     if mode not in ("lean", "armed", "full"):
         raise ValueError(f"unknown mode {mode!r}")
     full = mode == "full"
-    me = f"pid == {plan.pid}"
-    det = me if full else f"{me} && @d[tid]"
-    lib = plan.send_dg_file
-    # BEGIN runs once every probe is attached: records before it may come from a
-    # half-attached set, and are dropped (as are those after the owner is told to stop)
-    out = ["BEGIN { printf(\"READY %lu\\n\", nsecs); }\n"]
-    out += _gai(plan, me if mode != "lean" else det)
-    out += _send_dg_entry(plan, me, full)
+    out: list[Probe] = []
+
+    def add(kind, file, offset, fn, size, detail_only, **meta):
+        g = Gen(plan.pid, maps, len(out), detail_only)
+        fn(g)
+        out.append(Probe(len(out), kind, file, offset, g.done(), size, meta))
+
+    lib, gai_detail = plan.send_dg_file, mode == "lean"
+    if plan.gai_entry is not None:
+        add("G", plan.libc_file, plan.gai_entry, _gai, HDR + NAMELEN, gai_detail)
+        for r in plan.gai_returns:
+            add("g", plan.libc_file, r, _ret, HDR + 8, gai_detail)
+    add("E", lib, plan.send_dg_entry, lambda g: _enter(g, plan, full), HDR + 40 + 2 * QLEN, False)
     for c in plan.calls:
-        out += _call(lib, c, det)
-    for ret in plan.send_dg_returns:
-        out.append(_probe(lib, ret, det, 'printf("X %d %lu %d\\n", tid, nsecs, (int32)reg("ax"));'))
+        _call_probes(add, lib, c, not full)
+    for r in plan.send_dg_returns:
+        add("X", lib, r, _ret, HDR + 8, not full)
     for i, w in enumerate(plan.writers):
-        out.append(_writer(plan, i, w, me))
-    text = "".join(out)
-    maps = sorted(set(re.findall(r"@(\w+)\[", text)))
-    # at exit bpftrace would print every map: clear them (per-thread scratch state)
-    return text + "END {%s }\n" % "".join(f" clear(@{m});" for m in maps)
-
-
-def _gai(plan: Plan, pred: str) -> list[str]:
-    if plan.gai_entry is None:
-        return []
-    out = [_probe(plan.libc_file, plan.gai_entry, pred,
-                  'printf("G %d %lu %s\\n", tid, nsecs, str(reg("di")));')]
-    for ret in plan.gai_returns:
-        out.append(_probe(plan.libc_file, ret, pred,
-                          'printf("g %d %lu %d\\n", tid, nsecs, (int32)reg("ax"));'))
+        add("W", lib, w["addr_offset"], lambda g, w=w: _writer(g, plan, w), HDR + 40 + 2 * QLEN,
+            False, writer=i)
     return out
 
 
-def _send_dg_entry(plan: Plan, me: str, full: bool) -> list[str]:
-    f1, a1 = _qwords("$b1")
-    f2, a2 = _qwords("$b2")
-    keep = "1" if full else f"($o | $f) & {STICKY_MASK:#x}"
-    body = f"""  $st = reg("di"); $b1 = reg("si"); $b2 = reg("cx");
-  @b1[tid] = $b1; @b2[tid] = $b2;
-  $o = *(uint64*)($st + {plan.options_off}); $f = *(uint32*)($st + {plan.flags_off});
-  if ({keep}) {{
-    @d[tid] = 1;
-    printf("E %d %lu %lx %lx %lx %lx{f1}{f2}\\n", tid, nsecs, $st, $o, $f, $b2{a1}{a2});
-  }} else {{
-    delete(@d[tid]);
-  }}"""
-    return [_probe(plan.send_dg_file, plan.send_dg_entry, me, body)]
+def _gai(g: Gen):
+    g.reserve(HDR + NAMELEN)
+    g.read(HDR, NAMELEN, reg="rdi", string=True)
+    g.submit()
 
 
-def _call(lib: str, c: dict, det: str) -> list[str]:
-    kind, call, ret = c["kind"], c["call"], c["ret"]
+def _ret(g: Gen):
+    g.reserve(HDR + 8)
+    g.reg("rax", HDR)
+    g.submit()
+
+
+def _enter(g: Gen, plan: Plan, full: bool):
+    """send_dg(statp, buf, buflen, buf2, buflen2, ...): keep buf/buf2 for the writer
+    probe; decide whether this thread is detailed; if so, the record."""
+    a = g.a
+    g.save(SLOT_BUF1, "rsi")
+    g.save(SLOT_BUF2, "rcx")
+    a.sti(8, FP, -24, 0).sti(8, FP, -32, 0)
+    for at, off, n in ((-24, plan.options_off, 8), (-32, plan.flags_off, 4)):
+        a.mov(R1, FP).alu(ADD, R1, at).movi(R2, n)
+        a.ldx(8, R3, R6, PT_REGS["rdi"]).alu(ADD, R3, off).call(bpf.PROBE_READ_USER)
+    if not full:
+        a.ldx(8, R1, FP, -24).ldx(8, R2, FP, -32).alu(OR, R1, src=R2)
+        a.alu(AND, R1, STICKY_MASK).jmp(JNE, R1, "keep", imm=0)
+        g.forget(SLOT_DETAIL)
+        a.ja("out")
+        a.label("keep")
+    g.save(SLOT_DETAIL, value=1)
+    g.reserve(HDR + 40 + 2 * QLEN)
+    for i, r in enumerate(("rdi", "rsi", "rcx")):
+        g.reg(r, HDR + 8 * i)
+    a.ldx(8, R1, FP, -24).stx(8, R8, HDR + 24, R1)
+    a.ldx(8, R1, FP, -32).stx(8, R8, HDR + 32, R1)
+    g.read(HDR + 40, QLEN, src_off=HDR + 8)
+    g.read(HDR + 40 + QLEN, QLEN, src_off=HDR + 16)
+    g.submit()
+
+
+POLL_REGS = ("rdi", "rdx", "rsp", "rbp", "rbx", "r12", "r13", "r14", "r15", "rip")
+
+
+def _call_probes(add, lib: str, c: dict, detail_only: bool):
+    kind, call, ret = c["kind"], c["call_offset"], c["ret_offset"]
     if kind == "poll":
-        site = "w" if c.get("site") == "wait" else "c"
-        regs = "".join(f', reg("{r}")' for r in ("sp", "bp", "bx", "r12", "r13", "r14", "r15"))
-        enter = (f'  $p = reg("di"); @pfd[tid] = $p;\n'
-                 f'  printf("P %d %lu {site} %d %d %d %lx %lx %lx %lx %lx %lx %lx %lx %lx\\n", '
-                 f'tid, nsecs, *(int32*)$p, *(uint16*)($p + 4), (int32)reg("dx"), $p{regs}, '
-                 f'reg("ip"));')
-        leave = ('  $p = @pfd[tid];\n'
-                 '  printf("p %d %lu %d %d %d\\n", tid, nsecs, (int32)reg("ax"), '
-                 '*(int32*)$p, *(uint16*)($p + 6));')
-        return [_probe(lib, call, det, enter), _probe(lib, ret, det, leave)]
-    if kind == "send":
-        return [_probe(lib, call, det, '  @sb[tid] = reg("si");'),
-                _probe(lib, ret, det, '  $b = @sb[tid];\n'
-                       '  printf("S %d %lu %ld %d\\n", tid, nsecs, reg("ax"), *(uint16*)$b);')]
-    if kind == "sendmmsg":
-        return [_probe(lib, ret, det, '  printf("M %d %lu %d\\n", tid, nsecs, (int32)reg("ax"));')]
-    if kind == "recvfrom":
-        return [_probe(lib, call, det, '  @rb[tid] = reg("si");'),
-                _probe(lib, ret, det, '  $b = @rb[tid];\n'
-                       '  printf("R %d %lu %ld %lx %x\\n", tid, nsecs, reg("ax"), '
-                       '*(uint64*)$b, *(uint32*)($b + 8));')]
-    return []
+        def poll_call(g):
+            g.save(SLOT_PFD, "rdi")
+            g.reserve(HDR + 8 * len(POLL_REGS) + 8)
+            for i, r in enumerate(POLL_REGS):
+                g.reg(r, HDR + 8 * i)
+            g.read(HDR + 8 * len(POLL_REGS), 8, src_off=HDR)
+            g.submit()
+
+        def poll_ret(g):
+            g.reserve(HDR + 24)
+            g.reg("rax", HDR)
+            g.saved(SLOT_PFD, HDR + 8)
+            g.read(HDR + 16, 8, src_off=HDR + 8)
+            g.submit()
+        add("P", lib, call, poll_call, HDR + 8 * len(POLL_REGS) + 8, detail_only,
+            site=c.get("site"))
+        add("p", lib, ret, poll_ret, HDR + 24, detail_only)
+    elif kind in ("send", "recvfrom"):
+        slot, n = (SLOT_SEND, 8) if kind == "send" else (SLOT_RECV, 16)
+
+        def saver(g, slot=slot):
+            g.save(slot, "rsi")
+
+        def reader(g, slot=slot, n=n):
+            g.reserve(HDR + 16 + n)
+            g.reg("rax", HDR)
+            g.saved(slot, HDR + 8)
+            g.read(HDR + 16, n, src_off=HDR + 8)
+            g.submit()
+        add(None, lib, call, saver, 0, detail_only)
+        add("S" if kind == "send" else "R", lib, ret, reader, HDR + 16 + n, detail_only)
+    elif kind == "sendmmsg":
+        add("M", lib, ret, _ret, HDR + 8, detail_only)
 
 
-def _writer(plan: Plan, idx: int, w: dict, me: str) -> str:
-    f1, a1 = _qwords("$b1")
-    f2, a2 = _qwords("$b2")
-    base = bpf_reg(w["base_reg"])
-    body = f"""  $st = reg("{base}"); $b1 = @b1[tid]; $b2 = @b2[tid];
-  @d[tid] = 1;
-  printf("W %d %lu {idx} %lx %lx %lx %lx{f1}{f2}\\n", tid, nsecs, $st,
-         *(uint64*)($st + {plan.options_off}), *(uint32*)($st + {plan.flags_off}), $b2{a1}{a2});"""
-    return _probe(plan.send_dg_file, w["addr"], me, body)
+def _writer(g: Gen, plan: Plan, w: dict):
+    """The instruction that sets the sticky bit, before it runs: statp is its base
+    register; buf/buf2 as send_dg's entry saw them."""
+    g.save(SLOT_DETAIL, value=1)
+    g.reserve(HDR + 40 + 2 * QLEN)
+    g.reg(w["base_reg"], HDR)
+    g.saved(SLOT_BUF1, HDR + 8)
+    g.saved(SLOT_BUF2, HDR + 16)
+    g.read(HDR + 24, 8, src_off=HDR, disp=plan.options_off)
+    g.read(HDR + 32, 4, src_off=HDR, disp=plan.flags_off)
+    g.read(HDR + 40, QLEN, src_off=HDR + 8)
+    g.read(HDR + 40 + QLEN, QLEN, src_off=HDR + 16)
+    g.submit()

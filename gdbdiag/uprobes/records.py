@@ -1,23 +1,9 @@
-"""bpftrace's output lines (records) -> the core's events. Pure: no process, no gdb.
+"""The probes' binary records -> the core's events. Pure: no process, no kernel.
 
-One record per probe hit, fields separated by spaces, the kind letter first, then the
-thread (kernel TID, as the host sees it) and the kernel's CLOCK_MONOTONIC in ns:
-
-====  ==============================  ===================================================
-G     getaddrinfo entry               name (the rest of the line)
-g     getaddrinfo return              return value
-E     send_dg entry                   statp options _flags buf2 q1[16 words] q2[16 words]
-P     poll call in send_dg            site(c|w) fd events timeout pfd rsp rbp rbx r12..r15 rip
-p     poll return                     n fd revents
-S     send return                     n id (first two bytes of the packet, as a LE u16)
-M     sendmmsg return                 n
-R     recvfrom return                 n header[0:8] header[8:12] (LE)
-W     sticky-bit write (before it)    writer statp options _flags buf2 q1[16] q2[16]
-X     send_dg return                  return value
-====  ==============================  ===================================================
-
-Values read by the BPF program are kernel reads of the target at that PC: provenance
-``register`` or ``memory`` exactly as for the gdb probes.
+Every record starts with ``u32 probe id, u32 tid (as the host sees it), u64 ns``
+(CLOCK_MONOTONIC); the probe id says which probe wrote it, hence its layout
+(program.py). Values the BPF program read are kernel reads of the target at that PC:
+provenance ``register`` or ``memory``, exactly as for the gdb probes.
 """
 from __future__ import annotations
 
@@ -26,124 +12,137 @@ import struct
 from ..core import events as E
 from ..core.events import Event
 from ..core.flags import parse_dns_header, parse_question
-from .program import QWORDS
+from .program import HDR, NAMELEN, POLL_REGS, QLEN
 
 
 class RecordError(ValueError):
     pass
 
 
-def _query(words: list[str], present: bool = True) -> dict | None:
+def _query(raw: bytes, present: bool = True) -> dict | None:
     if not present:
         return None
-    raw = struct.pack(f"<{QWORDS}Q", *(int(w, 16) for w in words))
     hdr = parse_dns_header(raw)
-    qname, qtype = parse_question(raw)
     if hdr is None:
         return None
+    qname, qtype = parse_question(raw)
     return {"id": hdr["id"], "qname": qname, "qtype": qtype}
 
 
-def _queries(f: list[str], at: int, buf2: int) -> tuple[dict | None, dict | None]:
-    q1 = _query(f[at:at + QWORDS])
-    q2 = _query(f[at + QWORDS:at + 2 * QWORDS], present=buf2 != 0)
-    return q1, q2
+def _queries(rec: bytes, at: int, buf2: int):
+    return _query(rec[at:at + QLEN]), _query(rec[at + QLEN:at + 2 * QLEN], present=buf2 != 0)
 
 
 class Decoder:
-    """Stateful only for what the records do not repeat: the writers' descriptions and
-    thread names (read from /proc by the caller, passed in ``names``)."""
+    """``probes``: the Probe list (program.build) that wrote the records; ``writers``: the
+    plan's writer descriptions; ``clock_offset``: wall time - CLOCK_MONOTONIC;
+    ``names(tid)``: the thread's name (read from /proc by the caller)."""
 
-    def __init__(self, writers: list[dict], clock_offset: float, names=None):
+    def __init__(self, probes, writers: list[dict], clock_offset: float, names=None):
+        self.table = {p.id: p for p in probes}
         self.writers = writers
-        self.clock_offset = clock_offset        # wall time - CLOCK_MONOTONIC
+        self.clock_offset = clock_offset
         self.names = names or (lambda tid: None)
 
-    def t(self, ns: str) -> float:
-        return int(ns) / 1e9 + self.clock_offset
-
-    def decode(self, line: str) -> Event | None:
-        """One record -> one Event (None for lines that are not records)."""
-        f = line.split(" ", 3) if line[:1] == "G" else line.split()
-        if not f or len(f[0]) != 1 or f[0] not in _HANDLERS or len(f) < 3:
-            return None
+    def decode(self, rec: bytes) -> Event | None:
         try:
-            tid, t = int(f[1]), self.t(f[2])
-            kind, data, prov = _HANDLERS[f[0]](self, f[3:])
-        except (ValueError, IndexError, struct.error) as exc:
-            raise RecordError(f"bad record {line[:80]!r}: {exc}") from exc
+            pid, tid, ns = struct.unpack_from("<IIQ", rec, 0)
+            probe = self.table[pid]
+            handler = _HANDLERS.get(probe.kind)
+            if handler is None:
+                return None
+            kind, data, prov = handler(self, probe, rec)
+        except (KeyError, struct.error, IndexError) as exc:
+            raise RecordError(f"bad record ({len(rec)} bytes): {exc}") from exc
         name = self.names(tid)
         if name:
             data.setdefault("thread_name", name)
-        return Event(t=t, lwp=tid, kind=kind, data=data, prov=prov)
+        return Event(t=ns / 1e9 + self.clock_offset, lwp=tid, kind=kind, data=data, prov=prov)
 
-    # -- one method per record kind --------------------------------------------------------
-    def _gai(self, f):
-        return E.GAI_ENTER, {"function": "getaddrinfo", "name": f[0] if f else None}, \
+    # -- one method per record kind ------------------------------------------------------
+    def _gai(self, probe, rec):
+        raw = rec[HDR:HDR + NAMELEN]
+        name = raw.split(b"\0", 1)[0].decode(errors="replace")
+        return E.GAI_ENTER, {"function": "getaddrinfo", "name": name}, \
             {"function": "probe", "name": "memory"}
 
-    def _gai_ret(self, f):
-        return E.GAI_RETURN, {"function": "getaddrinfo", "ret": int(f[0])}, {"ret": "register"}
+    def _value(self, rec):
+        return struct.unpack_from("<q", rec, HDR)[0]
 
-    def _enter(self, f):
-        statp, options, flags, buf2 = (int(x, 16) for x in f[:4])
-        q1, q2 = _queries(f, 4, buf2)
-        data = {"function": "send_dg", "statp": statp, "options": options, "flags": flags,
-                "q1": q1, "q2": q2}
+    def _gai_ret(self, probe, rec):
+        return E.GAI_RETURN, {"function": "getaddrinfo", "ret": _s32(self._value(rec))}, \
+            {"ret": "register"}
+
+    def _enter(self, probe, rec):
+        statp, buf, buf2, options, flags = struct.unpack_from("<QQQQQ", rec, HDR)
+        q1, q2 = _queries(rec, HDR + 40, buf2)
+        data = {"function": "send_dg", "statp": statp, "options": options,
+                "flags": flags & 0xFFFFFFFF, "q1": q1, "q2": q2}
         prov = {"statp": "register", "options": "memory", "flags": "memory",
                 "q1": "memory", "q2": "memory"}
         return E.SEND_DG_ENTER, data, prov
 
-    def _poll(self, f):
-        site = "wait" if f[0] == "w" else "check"
-        fd, events, timeout = int(f[1]), int(f[2]), int(f[3])
-        regs = dict(zip(("pfd", "rsp", "rbp", "rbx", "r12", "r13", "r14", "r15", "rip"),
-                        (int(x, 16) for x in f[4:13])))
-        data = {"function": "poll", "site": site, "fd": fd, "events": events, "nfds": 1,
-                "timeout_ms": timeout, "pfd": regs.pop("pfd"), "regs": regs}
+    def _poll(self, probe, rec):
+        regs = dict(zip(POLL_REGS, struct.unpack_from(f"<{len(POLL_REGS)}Q", rec, HDR)))
+        fd, events = struct.unpack_from("<iH", rec, HDR + 8 * len(POLL_REGS))
+        pfd, timeout = regs.pop("rdi"), _s32(regs.pop("rdx"))
+        data = {"function": "poll", "site": probe.meta.get("site") or "wait", "fd": fd,
+                "events": events, "nfds": 1, "timeout_ms": timeout, "pfd": pfd, "regs": regs}
         prov = {"fd": "memory", "events": "memory", "timeout_ms": "register", "pfd": "register",
-                "site": "probe", "regs": "register"}
+                "site": "disassembly", "regs": "register"}
         return E.POLL_ENTER, data, prov
 
-    def _poll_ret(self, f):
-        return E.POLL_RETURN, {"function": "poll", "n": int(f[0]), "fd": int(f[1]),
-                               "revents": int(f[2])}, \
-            {"n": "register", "fd": "memory", "revents": "memory"}
+    def _poll_ret(self, probe, rec):
+        n, pfd = struct.unpack_from("<qQ", rec, HDR)
+        fd, _events, revents = struct.unpack_from("<iHH", rec, HDR + 16)
+        data, prov = {"function": "poll", "n": _s32(n)}, {"n": "register"}
+        if pfd:
+            data.update(fd=fd, revents=revents)
+            prov.update(fd="memory", revents="memory")
+        return E.POLL_RETURN, data, prov
 
-    def _send_ret(self, f):
-        raw = int(f[1]) & 0xFFFF
-        qid = ((raw & 0xFF) << 8) | (raw >> 8)        # network byte order
-        return E.SEND_RETURN, {"function": "send", "n": int(f[0]), "id": qid}, \
-            {"n": "register", "id": "memory"}
+    def _send_ret(self, probe, rec):
+        n, buf = struct.unpack_from("<qQ", rec, HDR)
+        data, prov = {"function": "send", "n": n}, {"n": "register"}
+        if buf:
+            data["id"], prov["id"] = struct.unpack_from(">H", rec, HDR + 16)[0], "memory"
+        return E.SEND_RETURN, data, prov
 
-    def _mmsg_ret(self, f):
-        return E.SENDMMSG_RETURN, {"function": "sendmmsg", "n": int(f[0])}, {"n": "register"}
+    def _mmsg_ret(self, probe, rec):
+        return E.SENDMMSG_RETURN, {"function": "sendmmsg", "n": _s32(self._value(rec))}, \
+            {"n": "register"}
 
-    def _recv_ret(self, f):
-        n = int(f[0])
+    def _recv_ret(self, probe, rec):
+        n, buf = struct.unpack_from("<qQ", rec, HDR)
         data, prov = {"function": "recvfrom", "n": n}, {"n": "register"}
-        if n >= 12:
-            raw = struct.pack("<QI", int(f[1], 16), int(f[2], 16) & 0xFFFFFFFF)
-            hdr = parse_dns_header(raw)
+        if buf and n >= 12:
+            hdr = parse_dns_header(rec[HDR + 16:HDR + 28])
             for k in ("id", "rcode", "qdcount", "ancount", "tc"):
                 data[k], prov[k] = hdr[k], "memory"
         return E.RECVFROM_RETURN, data, prov
 
-    def _write(self, f):
-        w = self.writers[int(f[0])]
-        statp, options, flags, buf2 = (int(x, 16) for x in f[1:5])
+    def _write(self, probe, rec):
+        w = self.writers[probe.meta["writer"]]
+        statp, buf, buf2, options, flags = struct.unpack_from("<QQQQQ", rec, HDR)
+        flags &= 0xFFFFFFFF
         before = options if w["field"] == "options" else flags
         bit = 0x200000 if w["bit"].endswith("SNGLKUP") else 0x400000
-        q1, q2 = _queries(f, 5, buf2)
+        q1, q2 = _queries(rec, HDR + 40, buf2)
         data = {"function": "send_dg", "field": w["field"], "bit": w["bit"], "before": before,
                 "value": before | bit, "statp": statp, "options": options, "flags": flags,
-                "q1": q1, "q2": q2}
+                "q1": q1 if buf else None, "q2": q2}
         prov = {"field": "disassembly", "bit": "disassembly", "before": "memory",
                 "value": "inferred", "statp": "register", "q1": "memory", "q2": "memory"}
         return E.FLAG_WRITE, data, prov
 
-    def _dg_ret(self, f):
-        return E.SEND_DG_RETURN, {"function": "send_dg", "ret": int(f[0])}, {"ret": "register"}
+    def _dg_ret(self, probe, rec):
+        return E.SEND_DG_RETURN, {"function": "send_dg", "ret": _s32(self._value(rec))}, \
+            {"ret": "register"}
+
+
+def _s32(v: int) -> int:
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v & 0x80000000 else v
 
 
 _HANDLERS = {"G": Decoder._gai, "g": Decoder._gai_ret, "E": Decoder._enter, "P": Decoder._poll,

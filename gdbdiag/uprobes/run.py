@@ -19,8 +19,7 @@ from ..core import render
 from ..core import report as R
 from ..core.detector import Detector
 from . import plan as P
-from . import program
-from .owner import Owner
+from .owner import Probes
 from .records import Decoder, RecordError
 
 KEEP_OBSERVATIONS = 20000       # in the report; the stream file (--record) has them all
@@ -44,6 +43,8 @@ class UprobeRun:
         self.bad_records = 0
         self._names: dict[int, str | None] = {}
         self.stack_error: str | None = None
+        self.lost = 0
+        self.held: list[str] | None = []       # findings before the armed line is printed
 
     # -- set-up ------------------------------------------------------------------------------
     def arm(self) -> float:
@@ -58,8 +59,9 @@ class UprobeRun:
         self.det = Detector(flag_probe=bool(plan.writers), sticky_field=field,
                             resolv_conf_single_request=_resolv_conf_single_request(self.pid))
         self._status()
-        self.decoder = Decoder(plan.writers, time.time() - time.monotonic(), self._name)
-        self.owner = Owner(program.build(plan, self.mode), workdir=self.workdir)
+        self.owner = Probes(plan, self.mode)
+        self.decoder = Decoder(self.owner.probes, plan.writers, time.time() - time.monotonic(),
+                               self._name)
         return time.monotonic() - t
 
     def _name(self, tid: int) -> str | None:
@@ -106,8 +108,11 @@ class UprobeRun:
             self.kinds.add(f.kind)
             if self.record:
                 self.record.write(json.dumps(f.to_json(), sort_keys=True) + "\n")
-            if not self.quiet:
-                self.say(render.finding_line(f, self.t0, self.det.thread(f.lwp).name))
+            line = render.finding_line(f, self.t0, self.det.thread(f.lwp).name)
+            if self.held is not None:
+                self.held.append(line)
+            elif not self.quiet:
+                self.say(line)
         return out
 
     def _stack(self, poll: E.Event, finding: E.Event) -> None:
@@ -122,16 +127,33 @@ class UprobeRun:
         except Exception as exc:          # the diagnosis stands without a stack
             self.stack_error = f"{type(exc).__name__}: {exc}"
             return
-        stack = [f.label() for f in frames]
+        stack = [self._label(f) for f in frames]
         finding.data["stack"], finding.prov["stack"] = stack, "memory"
         th = self.det.thread(finding.lwp)
         th.stack = stack
 
-    def pump(self, wait: float = 0.1, flush: bool = False) -> None:
-        for line in self.owner.records(wait, flush=flush):
+    def _label(self, frame) -> str:
+        """gdb-like frame label; send_dg (a static function, nameless without debug
+        symbols) is named from the analyzer's bounds."""
+        if frame.symbol:
+            return frame.label()
+        a = self.analysis
+        obj = a.get(a.get("send_dg_object") or "") or {}
+        sd = obj.get("send_dg") or {}
+        ranges = [(sd.get("start"), sd.get("end"))] + [(c["start"], c["end"]) for c in sd.get("cold", [])]
+        soname = "libc" if a.get("send_dg_object") == "libc" else "libresolv"
+        if frame.module and frame.module.startswith(soname) and frame.module_offset is not None and \
+                any(lo is not None and lo <= frame.module_offset < hi for lo, hi in ranges):
+            return "send_dg"
+        return frame.label()
+
+    def pump(self, wait: float = 0.1) -> None:
+        if wait:
+            time.sleep(wait)
+        for rec in self.owner.records():
             self.records_seen += 1
             try:
-                ev = self.decoder.decode(line)
+                ev = self.decoder.decode(rec)
             except RecordError:
                 self.bad_records += 1
                 continue
@@ -145,10 +167,9 @@ class UprobeRun:
                 return stop["why"]
             if time.monotonic() >= deadline:
                 return "duration"
-            if not self.owner.alive():
-                self.pump(0, flush=True)
-                return "probe owner exited: " + self.owner.stderr_tail()
-            self.pump(0.1)
+            self.pump(0.05)
+            if not _alive(self.pid):
+                return "target exited"
             if until == "sticky" and E.STICKY_ENGAGED in self.kinds:
                 return "until"
             if until == "stall" and E.STALL in self.kinds:
@@ -156,12 +177,21 @@ class UprobeRun:
 
     def close(self) -> None:
         if self.owner is not None:
-            self.owner.stop()
-            self.pump(0, flush=True)
+            self.pump(0)
+            self.lost = self.owner.lost
+            self.owner.close()
+            self.owner = None
         for fh in (self.record, self.step_log):
             if fh:
                 fh.close()
         self.record = self.step_log = None
+
+    def release(self) -> None:
+        """Print the findings held while arming (e.g. threads already sticky)."""
+        held, self.held = self.held or [], None
+        if not self.quiet:
+            for line in held:
+                self.say(line)
 
     def armed_line(self, arm_s: float) -> str:
         a = self.analysis
@@ -187,9 +217,17 @@ class UprobeRun:
         rep["run"] = {"backend": "uprobe", "mode": self.mode, "ended_by": ended_by,
                       "attach_to_armed_s": round(arm_s, 3) if arm_s is not None else None,
                       "records": self.records_seen, "bad_records": self.bad_records,
-                      "lost_records": self.owner.lost if self.owner else None,
+                      "lost_records": self.lost,
                       "stack_error": self.stack_error}
         return rep
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
 
 
 def _exe(pid: int) -> str | None:
