@@ -24,14 +24,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import bpf
-from .bpf import (ADD, AND, FP, JEQ, JNE, LSH, OR, PT_REGS, R0, R1, R2, R3, R4, R6, R7, R8,
+from .bpf import (ADD, AND, FP, JEQ, JNE, JSLT, LSH, OR, PT_REGS, R0, R1, R2, R3, R4, R6, R7, R8,
                   RSH, Asm)
 
 QLEN = 128           # bytes of a query packet kept
 NAMELEN = 128        # bytes of getaddrinfo's name
 HDR = 16             # u32 probe id, u32 tid, u64 CLOCK_MONOTONIC ns
 STICKY_MASK = 0x600000
-SLOT_DETAIL, SLOT_BUF1, SLOT_BUF2, SLOT_PFD, SLOT_SEND, SLOT_RECV = range(6)
+SLOT_DETAIL, SLOT_BUF1, SLOT_BUF2, SLOT_PFD, SLOT_SEND, SLOT_RECV, SLOT_ANS = range(7)
+WRITE_SIZE = HDR + 48 + 2 * QLEN
 PROBE_READ_USER_STR = 114
 
 
@@ -76,8 +77,11 @@ class Gen:
         a.jmp(JNE, R7, "out", imm=pid)                    # another process: nothing
         a.mov(R7, R0).alu(LSH, R7, 32).alu(RSH, R7, 32)   # r7 = tid
         if detail_only:
-            self.lookup(SLOT_DETAIL)
-            a.jmp(JEQ, R0, "out", imm=0)
+            self.only_detailed()
+
+    def only_detailed(self):
+        self.lookup(SLOT_DETAIL)
+        self.a.jmp(JEQ, R0, "out", imm=0)
 
     def key(self, slot: int, at: int = -8):
         a = self.a
@@ -99,6 +103,26 @@ class Gen:
         a.stx(8, FP, -16, R1)
         a.ld_map(R1, self.maps["state"]).mov(R2, FP).alu(ADD, R2, -8)
         a.mov(R3, FP).alu(ADD, R3, -16).movi(R4, 0).call(bpf.MAP_UPDATE)
+
+    def save_stack(self, slot: int, at: int):
+        """state[slot, tid] = the u64 at fp+at."""
+        a = self.a
+        self.key(slot)
+        a.ld_map(R1, self.maps["state"]).mov(R2, FP).alu(ADD, R2, -8)
+        a.mov(R3, FP).alu(ADD, R3, at).movi(R4, 0).call(bpf.MAP_UPDATE)
+
+    def load_saved(self, slot: int, at: int):
+        """fp+at = state[slot, tid] (0 when absent)."""
+        a = self.a
+        self.lookup(slot)
+        a.movi(R1, 0).jmp(JEQ, R0, f"nos{at}", imm=0).ldx(8, R1, R0, 0)
+        a.label(f"nos{at}").stx(8, FP, at, R1)
+
+    def read_stack(self, at: int, n: int, ptr_at: int):
+        """fp+at = n bytes of target memory at the pointer stored at fp+ptr_at."""
+        a = self.a
+        a.sti(8, FP, at, 0).ldx(8, R3, FP, ptr_at)
+        a.mov(R1, FP).alu(ADD, R1, at).movi(R2, n).call(bpf.PROBE_READ_USER)
 
     def forget(self, slot: int):
         a = self.a
@@ -174,8 +198,8 @@ def build(plan: Plan, maps: dict, mode: str = "armed") -> list[Probe]:
     for r in plan.send_dg_returns:
         add("X", lib, r, _ret, HDR + 8, not full)
     for i, w in enumerate(plan.writers):
-        add("W", lib, w["addr_offset"], lambda g, w=w: _writer(g, plan, w), HDR + 40 + 2 * QLEN,
-            False, writer=i)
+        add("W", lib, w["addr_offset"], lambda g, w=w: _writer(g, plan, w), WRITE_SIZE, False,
+            writer=i)
     return out
 
 
@@ -197,6 +221,7 @@ def _enter(g: Gen, plan: Plan, full: bool):
     a = g.a
     g.save(SLOT_BUF1, "rsi")
     g.save(SLOT_BUF2, "rcx")
+    g.save(SLOT_ANS, value=0)
     a.sti(8, FP, -24, 0).sti(8, FP, -32, 0)
     for at, off, n in ((-24, plan.options_off, 8), (-32, plan.flags_off, 4)):
         a.mov(R1, FP).alu(ADD, R1, at).movi(R2, n)
@@ -248,27 +273,55 @@ def _call_probes(add, lib: str, c: dict, detail_only: bool):
             g.save(slot, "rsi")
 
         def reader(g, slot=slot, n=n):
+            if slot == SLOT_RECV:
+                _answered(g)
+                g.only_detailed()
             g.reserve(HDR + 16 + n)
             g.reg("rax", HDR)
             g.saved(slot, HDR + 8)
             g.read(HDR + 16, n, src_off=HDR + 8)
             g.submit()
-        add(None, lib, call, saver, 0, detail_only)
-        add("S" if kind == "send" else "R", lib, ret, reader, HDR + 16 + n, detail_only)
+        # recvfrom's pair runs for every thread: it keeps recvresp1/2 for the writer probe
+        add(None, lib, call, saver, 0, detail_only and kind == "send")
+        add("S" if kind == "send" else "R", lib, ret, reader, HDR + 16 + n,
+            detail_only and kind == "send")
     elif kind == "sendmmsg":
         add("M", lib, ret, _ret, HDR + 8, detail_only)
+
+
+def _answered(g: Gen):
+    """For every thread: which of this send_dg call's queries an answer matched, as
+    send_dg's recvresp1/recvresp2 (bits 0/1 of state[SLOT_ANS]); the writer probe reports
+    it, so the lost query is named even when the thread was not detailed."""
+    a = g.a
+    a.ldx(8, R1, R6, PT_REGS["rax"]).jmp(JSLT, R1, "ansdone", imm=12)
+    g.load_saved(SLOT_RECV, -40)
+    g.load_saved(SLOT_BUF1, -48)
+    g.load_saved(SLOT_BUF2, -56)
+    g.load_saved(SLOT_ANS, -88)
+    g.read_stack(-64, 2, -40)
+    g.read_stack(-72, 2, -48)
+    g.read_stack(-80, 2, -56)
+    a.ldx(8, R1, FP, -64).ldx(8, R2, FP, -72).ldx(8, R3, FP, -88)
+    a.jmp(JNE, R1, "ans2", src=R2).alu(OR, R3, 1)
+    a.label("ans2").ldx(8, R2, FP, -56).jmp(JEQ, R2, "ansput", imm=0)
+    a.ldx(8, R2, FP, -80).jmp(JNE, R1, "ansput", src=R2).alu(OR, R3, 2)
+    a.label("ansput").stx(8, FP, -88, R3)
+    g.save_stack(SLOT_ANS, -88)
+    a.label("ansdone")
 
 
 def _writer(g: Gen, plan: Plan, w: dict):
     """The instruction that sets the sticky bit, before it runs: statp is its base
     register; buf/buf2 as send_dg's entry saw them."""
     g.save(SLOT_DETAIL, value=1)
-    g.reserve(HDR + 40 + 2 * QLEN)
+    g.reserve(WRITE_SIZE)
     g.reg(w["base_reg"], HDR)
     g.saved(SLOT_BUF1, HDR + 8)
     g.saved(SLOT_BUF2, HDR + 16)
     g.read(HDR + 24, 8, src_off=HDR, disp=plan.options_off)
     g.read(HDR + 32, 4, src_off=HDR, disp=plan.flags_off)
-    g.read(HDR + 40, QLEN, src_off=HDR + 8)
-    g.read(HDR + 40 + QLEN, QLEN, src_off=HDR + 16)
+    g.saved(SLOT_ANS, HDR + 40)
+    g.read(HDR + 48, QLEN, src_off=HDR + 8)
+    g.read(HDR + 48 + QLEN, QLEN, src_off=HDR + 16)
     g.submit()

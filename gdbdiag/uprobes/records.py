@@ -123,16 +123,20 @@ class Decoder:
 
     def _write(self, probe, rec):
         w = self.writers[probe.meta["writer"]]
-        statp, buf, buf2, options, flags = struct.unpack_from("<QQQQQ", rec, HDR)
+        statp, buf, buf2, options, flags, answered = struct.unpack_from("<QQQQQQ", rec, HDR)
         flags &= 0xFFFFFFFF
         before = options if w["field"] == "options" else flags
         bit = 0x200000 if w["bit"].endswith("SNGLKUP") else 0x400000
-        q1, q2 = _queries(rec, HDR + 40, buf2)
+        q1, q2 = _queries(rec, HDR + 48, buf2)
         data = {"function": "send_dg", "field": w["field"], "bit": w["bit"], "before": before,
                 "value": before | bit, "statp": statp, "options": options, "flags": flags,
-                "q1": q1 if buf else None, "q2": q2}
+                "q1": q1 if buf else None, "q2": q2,
+                "recvresp1": int(bool(answered & 1)), "recvresp2": int(bool(answered & 2))}
+        # recvresp1/2: the kernel matched each answer's id to the queries' ids (as send_dg
+        # does); the variables themselves are <optimized out>
         prov = {"field": "disassembly", "bit": "disassembly", "before": "memory",
-                "value": "inferred", "statp": "register", "q1": "memory", "q2": "memory"}
+                "value": "inferred", "statp": "register", "q1": "memory", "q2": "memory",
+                "recvresp1": "inferred", "recvresp2": "inferred"}
         return E.FLAG_WRITE, data, prov
 
     def _dg_ret(self, probe, rec):
