@@ -77,16 +77,18 @@ def _target_unharmed(lab, writes):
     assert lab.probe(seconds=1, interval=0.2)          # and it still answers
 
 
-@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGHUP", "duration", "kill-gdb",
-                                 "kill-runner"])
-def test_target_survives_every_way_a_run_ends(lab_factory, how, tmp_path):
-    # stalling bullseye: during a doomed poll no probe fires, so killing gdb then tests
-    # the supervisor's repair rather than the (documented) window inside a stop
+@pytest.mark.parametrize("backend,how", [
+    ("uprobe", "SIGINT"), ("uprobe", "SIGTERM"), ("uprobe", "SIGHUP"), ("uprobe", "duration"),
+    ("uprobe", "kill-runner"), ("gdb", "kill-gdb"), ("gdb", "kill-runner")])
+def test_target_survives_every_way_a_run_ends(lab_factory, backend, how, tmp_path):
+    # stalling bullseye with a concurrent writer: every acknowledged key must be there.
+    # gdb backend: killed during a doomed poll, when no breakpoint can be hit (its
+    # remaining hazard is a kill while a thread runs into a breakpoint: see README)
     lab = lab_factory(release="bullseye", workload="redis", fault="drop-aaaa-once")
     writes = []
     writer = threading.Thread(target=lambda: writes.extend(lab.probe(seconds=20, interval=0.05, write=True)))
     writer.start()
-    r = Runner(lab.pid, "--duration", "10" if how == "duration" else "120",
+    r = Runner(lab.pid, "--backend", backend, "--duration", "10" if how == "duration" else "120",
                "--json", tmp_path / "rep.json")
     try:
         r.wait_for("gdbdiag: armed in", 60)
@@ -108,6 +110,10 @@ def test_target_survives_every_way_a_run_ends(lab_factory, how, tmp_path):
             assert rc == 4, r.text
             assert "report rebuilt from the recorded events" in r.text
             assert "restored" in r.text or "supervisor" in r.text
+        elif backend == "uprobe":           # the runner owns the probes: the kernel removes them
+            r.wait_for("doomed_poll", 30)
+            os.kill(r.p.pid, signal.SIGKILL)
+            r.finish(10)
         else:                       # the runner itself dies: gdb gets SIGHUP from its pty
             r.wait_for("doomed_poll", 30)
             gdb = r.gdb_pid()
@@ -146,16 +152,51 @@ def test_verdicts(lab_factory, tmp_path, release, verdict):
     assert rc == 1                                       # --fail-on sticky
     assert rep["glibc"]["sticky_field"] == ("options" if release == "bullseye" else "_flags")
     assert rep["glibc"]["affected_30081"] is (release == "bullseye")
-    assert rep["symbols"]["verified"] is True
+    assert rep["run"]["backend"] == "uprobe"              # no debug symbols were needed
     for key in ("target", "glibc", "symbols", "events", "threads", "stalls", "verdict"):
         assert key in rep
     kinds = {e["kind"] for e in rep["events"]}
     assert "sticky_engaged" in kinds
     assert ("stall" in kinds) == (release == "bullseye")
+    eng = [e for e in rep["events"] if e["kind"] == "sticky_engaged"][0]
+    assert "AAAA answer for keydb-0.keydb.default.svc.cluster.local. lost" in eng["cause"]
     main = [t for t in rep["threads"] if t["lwp"] == lab.pid][0]
+    if release == "bullseye":
+        # the blocked application stack, unwound from /proc/PID/mem during the doomed poll
+        assert {"send_dg", "getaddrinfo", "connectWithMaster", "replicationCron"} <= set(main["stack"])
+        doomed = [e for e in rep["events"] if e["kind"] == "doomed_poll"]
+        assert doomed and doomed[0]["predicted_ms"] > 4000
     assert main["lwp_target"] == 1 and main["sticky"]    # PID 1 inside its namespace
     assert rep["target"]["nspid"] == [lab.pid, 1]
     assert diff_code(lab.pid, ("libc", "libresolv", "libnss_dns")) == []
+
+
+def test_gdb_backend_verdict(lab_factory, tmp_path):
+    """--backend gdb (breakpoints, for hosts without uprobes) gives the same diagnosis."""
+    lab = lab_factory(release="bullseye", workload="redis", fault="none")
+    out = tmp_path / "rep.json"
+    r = Runner(lab.pid, "--backend", "gdb", "--duration", "40", "--until", "stall", "--json", out)
+    r.wait_for("gdbdiag: armed in", 60)
+    lab.inject()
+    assert r.finish(90) == 0, r.text
+    rep = json.loads(out.read_text())
+    assert rep["verdict"]["code"] == "STICKY_STALLING"
+    assert rep["symbols"]["verified"] is True
+    assert diff_code(lab.pid, ("libc", "libresolv", "libnss_dns")) == []
+
+
+def test_no_probe_capabilities_says_so_and_samples(lab_factory, tmp_path):
+    """Without CAP_PERFMON/CAP_BPF/CAP_SYS_ADMIN (ptrace still allowed): one line saying
+    so and what happens instead, then a passive run — never a silent fallback."""
+    lab = lab_factory(release="bullseye", workload="redis", fault="none")
+    out = tmp_path / "rep.json"
+    r = subprocess.run(["setpriv", "--bounding-set=-sys_admin,-perfmon,-bpf", *GD, "attach",
+                        str(lab.pid), "--duration", "3", "--json", str(out)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    said = [l for l in r.stdout.splitlines() if "kernel probes unavailable" in l]
+    assert len(said) == 1 and "sampling passively instead" in said[0], r.stdout
+    assert json.loads(out.read_text())["run"]["mode"] == "passive"
 
 
 def test_healthy(lab_factory, tmp_path):

@@ -3,8 +3,9 @@ target's threads resolve back to back — the target must never notice.
 
 Target: a bullseye lab container whose 8 threads call getaddrinfo back to back (healthy
 DNS: every name answers), (a) all threads healthy, (b) one thread sticky, so send_dg's
-probes fire on it all the time. For each batch mode (armed, lean, full) the runner and
-the probe owner (bpftrace) are killed at a random moment of the run (arming included).
+probes fire on it all the time. For each batch mode (armed, lean, full) the runner — which
+is also the owner of the probes (their perf event descriptors) — is killed at a random
+moment of the run, arming included.
 After each kill: the target is alive and not stopped, its lookups go on, no code byte
 differs from the files, nothing traces it and no probe owner is left.
 """
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.lab
 NAMES = tuple(f"keydb-{i}.keydb" for i in range(8))
 RECORDS = tuple(f"{n}=A:10.244.1.{10 + i}" for i, n in enumerate(NAMES)) + \
     tuple(f"{n}=AAAA:fd00::{10 + i}" for i, n in enumerate(NAMES))
-KILLS_PER_CASE = 2
+KILLS_PER_CASE = 4
 SEED = int(os.environ.get("GDBDIAG_KILL_SEED", time.time()))
 
 
@@ -109,36 +110,20 @@ def labs():
 
 @pytest.mark.parametrize("state", ["healthy", "sticky"])
 @pytest.mark.parametrize("mode", ["armed", "lean", "full"])
-@pytest.mark.parametrize("victim", ["runner", "probe-owner"])
-def test_sigkill_at_a_random_moment(labs, state, mode, victim):
+def test_sigkill_of_the_runner_at_a_random_moment(labs, state, mode):
     lab = labs[state]
-    rnd = random.Random(f"{SEED}-{state}-{mode}-{victim}")
+    rnd = random.Random(f"{SEED}-{state}-{mode}")
     for _ in range(KILLS_PER_CASE):
         extra = [] if mode == "armed" else [f"--{mode}"]
         r = Runner(lab.pid, "--duration", "60", *extra)
-        owners = []
         try:
-            moment = rnd.uniform(0.0, 4.0)
-            deadline = time.monotonic() + moment
-            while time.monotonic() < deadline:      # note the owner as soon as it exists
-                owners = sorted(set(owners) | set(_children(r.p.pid)))
-                time.sleep(0.02)
-            owners = sorted(set(owners) | set(_children(r.p.pid)))
-            if victim == "runner":
-                os.kill(r.p.pid, signal.SIGKILL)
-            elif owners:
-                os.kill(owners[-1], signal.SIGKILL)
-            else:                                   # not started yet: kill it when it is
-                r.wait_for("armed in", 30)
-                owners = _children(r.p.pid)
-                os.kill(owners[-1], signal.SIGKILL)
+            time.sleep(rnd.uniform(0.0, 3.0))       # arming takes ~0.3-1 s: both phases hit
+            os.kill(r.p.pid, signal.SIGKILL)
             r.finish(30)
         finally:
             if r.p.poll() is None:
                 r.p.kill()
-        assert_unharmed(lab, owners)
-        if victim == "probe-owner" and "armed in" in r.text:
-            assert "probe owner exited" in r.text or "== verdict:" in r.text, r.text
+        assert_unharmed(lab, [])
 
 
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "SIGHUP", "duration"])
@@ -149,7 +134,9 @@ def test_every_clean_ending_under_load(labs, how, tmp_path):
     try:
         r.wait_for("armed in", 30)
         owners = _children(r.p.pid)
-        if how != "duration":
+        if how == "duration":
+            pass
+        else:
             time.sleep(random.uniform(0.2, 2.0))
             os.kill(r.p.pid, getattr(signal, how))
         rc = r.finish(60)
