@@ -28,7 +28,9 @@ __all__ = ["RES_STATE", "FLAG_BITS", "CALL_KINDS", "disassemble", "find_sticky_w
            "ends_block", "direct_target", "mem_operand", "jump_targets"]
 
 # struct __res_state: ABI-stable offsets (checked against DWARF when a debug file is given)
-RES_STATE = {"retrans": (0, 4), "options": (8, 8), "pfcode": (0x180, 8), "_flags": (0x1F8, 4)}
+# struct __res_state (resolv/bits/types/res_state.h): public, ABI-stable offsets (x86-64)
+RES_STATE = {"retrans": (0, 4), "options": (8, 8), "pfcode": (0x180, 8), "_flags": (0x1F8, 4),
+             "_u._ext.nssocks": (0x208, 12)}
 FLAG_FIELDS = ("options", "_flags")
 FLAG_BITS = {0x200000: "RES_SNGLKUP", 0x400000: "RES_SNGLKUPREOP"}
 CALL_KINDS = ("poll", "send", "sendmmsg", "recvfrom")

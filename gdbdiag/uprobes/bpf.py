@@ -31,13 +31,14 @@ SIZE_CODE = {1: B, 2: H, 4: W, 8: DW}
 
 # helpers (include/uapi/linux/bpf.h)
 MAP_LOOKUP, MAP_UPDATE, MAP_DELETE, KTIME_NS, PID_TGID = 1, 2, 3, 5, 14
-PROBE_READ_USER, RINGBUF_RESERVE, RINGBUF_SUBMIT, RINGBUF_DISCARD = 112, 131, 132, 133
+PROBE_READ_USER, PROBE_READ_KERNEL, PROBE_READ_USER_STR = 112, 113, 114
+RINGBUF_RESERVE, RINGBUF_SUBMIT, RINGBUF_DISCARD = 131, 132, 133
 RB_NO_WAKEUP = 1
 
 # struct pt_regs (x86-64) offsets
 PT_REGS = {"r15": 0, "r14": 8, "r13": 16, "r12": 24, "rbp": 32, "rbx": 40, "r11": 48,
            "r10": 56, "r9": 64, "r8": 72, "rax": 80, "rcx": 88, "rdx": 96, "rsi": 104,
-           "rdi": 112, "rip": 128, "rsp": 152}
+           "rdi": 112, "orig_rax": 120, "rip": 128, "rsp": 152}
 
 
 class BpfError(OSError):
@@ -140,15 +141,15 @@ def map_update(fd: int, key: bytes, value: bytes) -> None:
     _bpf(2, struct.pack("<IIQQQ", fd, 0, ctypes.addressof(k), ctypes.addressof(v), 0))
 
 
-PROG_KPROBE = 2
+PROG_KPROBE, PROG_RAW_TRACEPOINT = 2, 17
 LICENSE = b"Dual MIT/GPL\0"
 
 
-def prog_load(insns: bytes, name: str = "") -> int:
+def prog_load(insns: bytes, name: str = "", kind: int = PROG_KPROBE) -> int:
     lic = ctypes.create_string_buffer(LICENSE)
     code = ctypes.create_string_buffer(insns)
     log = ctypes.create_string_buffer(1 << 20)
-    attr = struct.pack("<IIQQIIQII16s", PROG_KPROBE, len(insns) // 8, ctypes.addressof(code),
+    attr = struct.pack("<IIQQIIQII16s", kind, len(insns) // 8, ctypes.addressof(code),
                        ctypes.addressof(lic), 1, len(log), ctypes.addressof(log), 0, 0,
                        name.encode()[:15])
     try:
@@ -157,6 +158,12 @@ def prog_load(insns: bytes, name: str = "") -> int:
         text = log.value.decode(errors="replace").strip().splitlines()
         raise BpfError(exc.errno, f"BPF program {name!r} rejected: {exc.strerror}: "
                        + " | ".join(text[-4:])) from None
+
+
+def raw_tracepoint_open(name: str, prog_fd: int) -> int:
+    """Attach a raw tracepoint program (e.g. to ``sys_enter``); the fd owns the link."""
+    cname = ctypes.create_string_buffer(name.encode())
+    return _bpf(17, struct.pack("<QI", ctypes.addressof(cname), prog_fd))
 
 
 # -- uprobe perf events -------------------------------------------------------------------

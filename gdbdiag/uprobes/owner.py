@@ -1,8 +1,8 @@
-"""The owner of the kernel probes: this process, through its perf event descriptors.
+"""The owner of the kernel probes: this process, through its file descriptors.
 
-Safety by construction: each probe is a kernel uprobe created by perf_event_open(2) on
-the target's file, with a BPF program attached; the descriptor belongs to the gdbdiag
-process. Whatever ends that process — a clean exit, Ctrl-C, SIGTERM, the OOM killer,
+Safety by construction: each uprobe is created by perf_event_open(2) on the target's
+file with a BPF program attached, each syscall tracepoint is a BPF link; every
+descriptor belongs to the gdbdiag process. Whatever ends that process — a clean exit, Ctrl-C, SIGTERM, the OOM killer,
 SIGKILL — the kernel closes its descriptors and removes every probe from the target's
 text. A thread inside a probe hit is finished or restarted by the kernel itself: there
 is nothing for anyone to restore, and no signal ever reaches the target.
@@ -61,14 +61,17 @@ class Probes:
             self.maps["state"] = bpf.map_create(bpf.MAP_LRU_HASH, 8, 8, 65536)
             self.maps["ring"] = bpf.map_create(bpf.MAP_RINGBUF, 0, 0, RING_BYTES)
             self.maps["lost"] = bpf.map_create(bpf.MAP_ARRAY, 4, 8, 1)
-            self.probes = program.build(plan, self.maps, mode)
+            self.probes, self.record_kinds = program.build(plan, self.maps, mode)
             pmu = bpf.uprobe_pmu_type()
             for p in self.probes:
-                prog = bpf.prog_load(p.code, f"gdbdiag_{p.kind or 'save'}{p.id}")
+                raw = p.kind != "uprobe"
+                prog = bpf.prog_load(p.code, f"gdbdiag_{p.id}",
+                                     bpf.PROG_RAW_TRACEPOINT if raw else bpf.PROG_KPROBE)
                 try:
-                    self.fds.append(bpf.uprobe_open(p.file, p.offset, plan.pid, prog, pmu))
+                    self.fds.append(bpf.raw_tracepoint_open(p.kind, prog) if raw else
+                                    bpf.uprobe_open(p.file, p.offset, plan.pid, prog, pmu))
                 finally:
-                    os.close(prog)           # the perf event holds the program
+                    os.close(prog)           # the attachment holds the program
         except bpf.BpfError as exc:
             raise ProbeUnavailable(str(exc)) from None
         self.ring = bpf.RingReader(self.maps["ring"], RING_BYTES)

@@ -42,14 +42,10 @@ def make_plan(pid: int, ident, analysis: dict) -> Plan:
         raise NoPlan("send_dg's probe set is incomplete: " + "; ".join(obj.get("warnings") or ["?"]))
     libc = analysis["libc"]
     path = _object(ident, "libc.so" if where == "libc" else "libresolv.so").path
-    calls = [{"kind": c["kind"], "site": c.get("site"), "call_offset": c["call_file_offset"],
-              "ret_offset": c["ret_file_offset"]} for c in obj.get("calls", [])]
     writers = [{"addr_offset": w["file_offset"], "base_reg": w["base_reg"], "field": w["field"],
                 "bit": w["bit"]} for w in obj.get("sticky_writers", []) if w.get("in_send_dg")]
     gai = libc.get("getaddrinfo") or {}
     return Plan(pid=pid, send_dg_file=target_file(pid, path),
                 libc_file=target_file(pid, _object(ident, "libc.so").path),
-                send_dg_entry=obj["send_dg"]["file_offset"],
-                send_dg_returns=[r["file_offset"] for r in obj["send_dg"].get("returns", [])],
-                calls=calls, writers=writers, gai_entry=gai.get("file_offset"),
-                gai_returns=[r["file_offset"] for r in gai.get("returns", [])])
+                send_dg_entry=obj["send_dg"]["file_offset"], writers=writers,
+                gai_entry=gai.get("file_offset"))

@@ -1,327 +1,384 @@
-"""The probes for one target: a small eBPF program per probe point, and its record layout.
+"""The probes for one target: small eBPF programs, and the layout of their records.
 
-Every probe reads what the gdb probes read at the same PC — registers by the x86-64 ABI
-at call sites of exported functions, memory through the pointers they hold — and writes
-one binary record into a ring buffer (decoded by :mod:`.records`). Nothing is ever
-written to the target.
+Two kinds of kernel probes, each reading what the gdb probes read at the same point:
 
-Modes (what produces records; a probe hit costs ~1-2 µs in the kernel either way):
+- **uprobes** where only the code can tell: send_dg's entry (statp, buf, buf2: its
+  arguments by the x86-64 ABI), the sticky-bit writer (statp is its base register), and
+  getaddrinfo's entry (the name). A uprobe hit is a trap (~1-10 µs), so there are as few
+  as possible: one per send_dg call.
+- **raw syscall tracepoints** (``sys_enter``/``sys_exit``) for what send_dg does through
+  system calls: poll, sendto (``send``), sendmmsg, recvfrom. No trap; the BPF program
+  gets the thread's user registers (pt_regs) and reads its memory. A syscall is send_dg's
+  when its socket is one of ``statp->_u._ext.nssocks`` of the thread's last send_dg call.
 
-- ``lean``: the sticky-bit writers, always; send_dg's probes for *detailed* threads only.
-- ``armed`` (default): lean plus getaddrinfo's entry and returns for every thread.
-- ``full``: every probe for every thread.
+Each program writes binary records into one ring buffer (decoded by :mod:`.records`).
+Nothing is ever written to the target.
+
+Modes (what produces records):
+
+- ``lean``: the sticky-bit writers, always; send_dg's steps for *detailed* threads only.
+- ``armed`` (default): lean plus getaddrinfo's entry for every thread.
+- ``full``: everything for every thread.
 
 A thread is *detailed* once the kernel has seen its resolver state in single-request
 mode: at send_dg's entry (``(options | _flags) & (SNGLKUP|SNGLKUPREOP)``) or at a
-sticky-bit write. The filter runs in the BPF program, so a healthy thread costs no
-record at all in lean mode.
+sticky-bit write. For every thread the kernel also keeps which query each answer
+matched (send_dg's recvresp1/2), so the writer probe names the lost query.
 
-Per-thread scratch state lives in one LRU hash map keyed ``slot << 32 | tid``: slot 0 is
-"detailed", the others hold pointers a call probe saw for its return probe.
+Per-thread state lives in one LRU hash map keyed ``slot << 32 | tid``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..glibc.codeflow import RES_STATE
 from . import bpf
-from .bpf import (ADD, AND, FP, JEQ, JNE, JSLT, LSH, OR, PT_REGS, R0, R1, R2, R3, R4, R6, R7, R8,
-                  RSH, Asm)
+from .bpf import (ADD, AND, FP, JEQ, JNE, JSLT, LSH, OR, PT_REGS, R0, R1, R2, R3, R4, R6, R7,
+                  R8, R9, RSH, Asm)
 
 QLEN = 128           # bytes of a query packet kept
 NAMELEN = 128        # bytes of getaddrinfo's name
 HDR = 16             # u32 probe id, u32 tid, u64 CLOCK_MONOTONIC ns
 STICKY_MASK = 0x600000
-SLOT_DETAIL, SLOT_BUF1, SLOT_BUF2, SLOT_PFD, SLOT_SEND, SLOT_RECV, SLOT_ANS = range(7)
+(SLOT_DETAIL, SLOT_BUF1, SLOT_BUF2, SLOT_PFD, SLOT_SEND, SLOT_RECV, SLOT_ANS,
+ SLOT_STATP) = range(8)
+ENTER_SIZE = HDR + 40 + 2 * QLEN
 WRITE_SIZE = HDR + 48 + 2 * QLEN
-PROBE_READ_USER_STR = 114
+NR_POLL, NR_SENDTO, NR_RECVFROM, NR_SENDMMSG = 7, 44, 45, 307       # x86-64
+POLL_REGS = ("rdi", "rdx", "rsp", "rbp", "rbx", "r12", "r13", "r14", "r15", "rip")
+POLL_SIZE = HDR + 8 * len(POLL_REGS) + 8
 
 
 @dataclass
 class Plan:
-    """Where the probes go: file offsets in the objects (host paths into the target's
+    """Where the uprobes go: file offsets in the objects (host paths into the target's
     root), as the analyzer found them."""
     pid: int
     send_dg_file: str
     libc_file: str
     send_dg_entry: int
-    send_dg_returns: list[int] = field(default_factory=list)
-    calls: list[dict] = field(default_factory=list)      # {kind, site, call, ret}
-    writers: list[dict] = field(default_factory=list)    # {addr, base_reg, field, bit}
+    writers: list[dict] = field(default_factory=list)    # {addr_offset, base_reg, field, bit}
     gai_entry: int | None = None
-    gai_returns: list[int] = field(default_factory=list)
-    options_off: int = 8
-    flags_off: int = 0x1F8
+    options_off: int = RES_STATE["options"][0]
+    flags_off: int = RES_STATE["_flags"][0]
+    nssocks_off: int = RES_STATE["_u._ext.nssocks"][0]
 
 
 @dataclass
 class Probe:
-    """One probe point: its program, and what its record holds."""
+    """One program: where it attaches, and what its records hold."""
     id: int
-    kind: str                 # record kind, see records.py
-    file: str
-    offset: int
+    kind: str                 # "uprobe" | "sys_enter" | "sys_exit"
+    file: str | None
+    offset: int | None
     code: bytes
-    size: int                 # record size (0: the probe writes no record)
-    meta: dict = field(default_factory=dict)
+    records: dict = field(default_factory=dict)      # record kind -> meta
 
 
 class Gen:
-    """Code generation for one probe program."""
+    """Code generation for one program. r6 = ctx, r7 = tid, r8 = record, r9 = user
+    pt_regs (tracepoints: read with probe_read_kernel; uprobes: r6 itself)."""
 
-    def __init__(self, pid: int, maps: dict, probe_id: int, detail_only: bool):
-        self.a, self.maps, self.id = Asm(), maps, probe_id
+    def __init__(self, pid: int, maps: dict, probe_id: int, raw_tp: bool = False):
+        self.a, self.maps, self.id, self.raw_tp = Asm(), maps, probe_id, raw_tp
+        self.n = 0
         a = self.a
-        a.mov(R6, R1)                                     # r6 = struct pt_regs *
+        a.mov(R6, R1)
         a.call(bpf.PID_TGID)
         a.mov(R7, R0).alu(RSH, R7, 32)
         a.jmp(JNE, R7, "out", imm=pid)                    # another process: nothing
         a.mov(R7, R0).alu(LSH, R7, 32).alu(RSH, R7, 32)   # r7 = tid
-        if detail_only:
-            self.only_detailed()
+        if raw_tp:
+            a.ldx(8, R9, R6, 0)                           # args[0]: struct pt_regs *
 
-    def only_detailed(self):
-        self.lookup(SLOT_DETAIL)
-        self.a.jmp(JEQ, R0, "out", imm=0)
+    def uniq(self, stem: str) -> str:
+        self.n += 1
+        return f"{stem}{self.n}"
 
-    def key(self, slot: int, at: int = -8):
-        a = self.a
-        a.movi(R1, slot).alu(LSH, R1, 32).alu(OR, R1, src=R7).stx(8, FP, at, R1)
+    # -- per-thread state ------------------------------------------------------------------
+    def key(self, slot: int):
+        self.a.movi(R1, slot).alu(LSH, R1, 32).alu(OR, R1, src=R7).stx(8, FP, -8, R1)
 
     def lookup(self, slot: int):
         a = self.a
         self.key(slot)
         a.ld_map(R1, self.maps["state"]).mov(R2, FP).alu(ADD, R2, -8).call(bpf.MAP_LOOKUP)
 
-    def save(self, slot: int, reg: str | None = None, value: int | None = None):
-        """state[slot, tid] = register (or a constant)."""
-        a = self.a
-        self.key(slot)
-        if reg is not None:
-            a.ldx(8, R1, R6, PT_REGS[reg])
-        else:
-            a.movi(R1, value)
-        a.stx(8, FP, -16, R1)
-        a.ld_map(R1, self.maps["state"]).mov(R2, FP).alu(ADD, R2, -8)
-        a.mov(R3, FP).alu(ADD, R3, -16).movi(R4, 0).call(bpf.MAP_UPDATE)
+    def only_detailed(self):
+        self.lookup(SLOT_DETAIL)
+        self.a.jmp(JEQ, R0, "out", imm=0)
 
-    def save_stack(self, slot: int, at: int):
-        """state[slot, tid] = the u64 at fp+at."""
+    def put(self, slot: int, at: int | None = None, value: int | None = None):
+        """state[slot] = the u64 at fp+at (or a constant)."""
         a = self.a
+        if value is not None:
+            a.sti(8, FP, -16, value)
+            at = -16
         self.key(slot)
         a.ld_map(R1, self.maps["state"]).mov(R2, FP).alu(ADD, R2, -8)
         a.mov(R3, FP).alu(ADD, R3, at).movi(R4, 0).call(bpf.MAP_UPDATE)
 
-    def load_saved(self, slot: int, at: int):
-        """fp+at = state[slot, tid] (0 when absent)."""
+    def get(self, slot: int, at: int):
+        """fp+at = state[slot] (0 when absent)."""
         a = self.a
+        lbl = self.uniq("none")
         self.lookup(slot)
-        a.movi(R1, 0).jmp(JEQ, R0, f"nos{at}", imm=0).ldx(8, R1, R0, 0)
-        a.label(f"nos{at}").stx(8, FP, at, R1)
-
-    def read_stack(self, at: int, n: int, ptr_at: int):
-        """fp+at = n bytes of target memory at the pointer stored at fp+ptr_at."""
-        a = self.a
-        a.sti(8, FP, at, 0).ldx(8, R3, FP, ptr_at)
-        a.mov(R1, FP).alu(ADD, R1, at).movi(R2, n).call(bpf.PROBE_READ_USER)
+        a.movi(R1, 0).jmp(JEQ, R0, lbl, imm=0).ldx(8, R1, R0, 0)
+        a.label(lbl).stx(8, FP, at, R1)
 
     def forget(self, slot: int):
         a = self.a
         self.key(slot)
         a.ld_map(R1, self.maps["state"]).mov(R2, FP).alu(ADD, R2, -8).call(bpf.MAP_DELETE)
 
-    def reserve(self, size: int):
+    # -- reading the target ----------------------------------------------------------------
+    def reg(self, name: str, at: int, rec: bool = False):
+        """fp+at (or record+at) = the thread's user register ``name``."""
         a = self.a
-        a.ld_map(R1, self.maps["ring"]).movi(R2, size).movi(R3, 0).call(bpf.RINGBUF_RESERVE)
-        a.mov(R8, R0).jmp(JNE, R8, "got", imm=0)
-        # ring full: count the lost record
-        a.sti(4, FP, -4, 0).ld_map(R1, self.maps["lost"]).mov(R2, FP).alu(ADD, R2, -4)
-        a.call(bpf.MAP_LOOKUP).jmp(JEQ, R0, "out", imm=0)
-        a.movi(R1, 1).xadd(R0, 0, R1).ja("out")
-        a.label("got")
-        a.sti(4, R8, 0, self.id).stx(4, R8, 4, R7)
-        a.call(bpf.KTIME_NS).stx(8, R8, 8, R0)
+        base = R8 if rec else FP
+        if not self.raw_tp:
+            a.ldx(8, R1, R6, PT_REGS[name]).stx(8, base, at, R1)
+            return
+        a.mov(R1, base).alu(ADD, R1, at).movi(R2, 8)
+        a.mov(R3, R9).alu(ADD, R3, PT_REGS[name]).call(bpf.PROBE_READ_KERNEL)
 
-    def reg(self, name: str, off: int):
-        self.a.ldx(8, R1, R6, PT_REGS[name]).stx(8, R8, off, R1)
-
-    def saved(self, slot: int, off: int):
-        """record[off] = state[slot, tid] (0 when absent)."""
+    def user(self, at: int, n: int, ptr_at: int, disp: int = 0, rec: bool = False,
+             ptr_in_rec: bool = False, string: bool = False):
+        """(record or fp)+at = n bytes of target memory at (the u64 at ptr_at) + disp."""
         a = self.a
-        self.lookup(slot)
-        a.movi(R1, 0).jmp(JEQ, R0, f"none{off}", imm=0).ldx(8, R1, R0, 0)
-        a.label(f"none{off}").stx(8, R8, off, R1)
-
-    def read(self, off: int, n: int, src_off: int | None = None, reg: str | None = None,
-             disp: int = 0, string: bool = False):
-        """record[off:off+n] = target memory at (record[src_off] or register) + disp."""
-        a = self.a
-        if reg is not None:
-            a.ldx(8, R3, R6, PT_REGS[reg])
-        else:
-            a.ldx(8, R3, R8, src_off)
+        base = R8 if rec else FP
+        if n < 8 and not string:
+            a.sti(8, base, at, 0)                         # the rest of the slot stays 0
+        a.ldx(8, R3, R8 if ptr_in_rec else FP, ptr_at)
         if disp:
             a.alu(ADD, R3, disp)
-        if n < 8 and not string:
-            a.sti(8, R8, off, 0)                          # the rest of the slot stays 0
-        a.mov(R1, R8).alu(ADD, R1, off).movi(R2, n)
-        a.call(PROBE_READ_USER_STR if string else bpf.PROBE_READ_USER)
+        a.mov(R1, base).alu(ADD, R1, at).movi(R2, n)
+        a.call(bpf.PROBE_READ_USER_STR if string else bpf.PROBE_READ_USER)
+
+    def copy(self, at_rec: int, at_fp: int):
+        self.a.ldx(8, R1, FP, at_fp).stx(8, R8, at_rec, R1)
+
+    # -- records ---------------------------------------------------------------------------
+    def reserve(self, size: int, rid: int):
+        a = self.a
+        got, = (self.uniq("got"),)
+        a.ld_map(R1, self.maps["ring"]).movi(R2, size).movi(R3, 0).call(bpf.RINGBUF_RESERVE)
+        a.mov(R8, R0).jmp(JNE, R8, got, imm=0)
+        a.sti(4, FP, -4, 0).ld_map(R1, self.maps["lost"]).mov(R2, FP).alu(ADD, R2, -4)
+        a.call(bpf.MAP_LOOKUP).jmp(JEQ, R0, "out", imm=0)
+        a.movi(R1, 1).xadd(R0, 0, R1).ja("out")            # ring full: count the loss
+        a.label(got)
+        a.sti(4, R8, 0, rid).stx(4, R8, 4, R7)
+        a.call(bpf.KTIME_NS).stx(8, R8, 8, R0)
 
     def submit(self):
-        a = self.a
-        a.mov(R1, R8).movi(R2, bpf.RB_NO_WAKEUP).call(bpf.RINGBUF_SUBMIT)
+        self.a.mov(R1, R8).movi(R2, bpf.RB_NO_WAKEUP).call(bpf.RINGBUF_SUBMIT)
 
     def done(self) -> bytes:
         self.a.label("out").movi(R0, 0).exit()
         return self.a.bytes()
 
 
-# -- the probes --------------------------------------------------------------------------------
-def build(plan: Plan, maps: dict, mode: str = "armed") -> list[Probe]:
-    if mode not in ("lean", "armed", "full"):
-        raise ValueError(f"unknown mode {mode!r}")
-    full = mode == "full"
-    out: list[Probe] = []
+class Builder:
+    """All programs of a plan; record ids are global (one table for the decoder)."""
 
-    def add(kind, file, offset, fn, size, detail_only, **meta):
-        g = Gen(plan.pid, maps, len(out), detail_only)
+    def __init__(self, plan: Plan, maps: dict, mode: str):
+        if mode not in ("lean", "armed", "full"):
+            raise ValueError(f"unknown mode {mode!r}")
+        self.plan, self.maps, self.full, self.mode = plan, maps, mode == "full", mode
+        self.probes: list[Probe] = []
+        self.record_kinds: dict[int, tuple[str, dict]] = {}
+
+    def rid(self, kind: str, **meta) -> int:
+        n = len(self.record_kinds)
+        self.record_kinds[n] = (kind, meta)
+        return n
+
+    def add(self, kind, file, offset, fn):
+        g = Gen(self.plan.pid, self.maps, len(self.probes), raw_tp=kind != "uprobe")
         fn(g)
-        out.append(Probe(len(out), kind, file, offset, g.done(), size, meta))
+        self.probes.append(Probe(len(self.probes), kind, file, offset, g.done()))
 
-    lib, gai_detail = plan.send_dg_file, mode == "lean"
-    if plan.gai_entry is not None:
-        add("G", plan.libc_file, plan.gai_entry, _gai, HDR + NAMELEN, gai_detail)
-        for r in plan.gai_returns:
-            add("g", plan.libc_file, r, _ret, HDR + 8, gai_detail)
-    add("E", lib, plan.send_dg_entry, lambda g: _enter(g, plan, full), HDR + 40 + 2 * QLEN, False)
-    for c in plan.calls:
-        _call_probes(add, lib, c, not full)
-    for r in plan.send_dg_returns:
-        add("X", lib, r, _ret, HDR + 8, not full)
-    for i, w in enumerate(plan.writers):
-        add("W", lib, w["addr_offset"], lambda g, w=w: _writer(g, plan, w), WRITE_SIZE, False,
-            writer=i)
-    return out
+    def build(self) -> list[Probe]:
+        p = self.plan
+        if p.gai_entry is not None and self.mode != "lean":
+            rid = self.rid("G")
+            self.add("uprobe", p.libc_file, p.gai_entry, lambda g: _gai(g, rid))
+        rid = self.rid("E")
+        self.add("uprobe", p.send_dg_file, p.send_dg_entry, lambda g: _enter(g, p, rid, self.full))
+        for i, w in enumerate(p.writers):
+            rid = self.rid("W", writer=i)
+            self.add("uprobe", p.send_dg_file, w["addr_offset"],
+                     lambda g, w=w, rid=rid: _writer(g, p, w, rid))
+        rids = {k: self.rid(k) for k in ("P", "p", "S", "M", "R")}
+        self.add("sys_enter", None, None, lambda g: _sys_enter(g, p, rids))
+        self.add("sys_exit", None, None, lambda g: _sys_exit(g, p, rids))
+        return self.probes
 
 
-def _gai(g: Gen):
-    g.reserve(HDR + NAMELEN)
-    g.read(HDR, NAMELEN, reg="rdi", string=True)
+def build(plan: Plan, maps: dict, mode: str = "armed") -> tuple[list[Probe], dict]:
+    b = Builder(plan, maps, mode)
+    return b.build(), b.record_kinds
+
+
+# -- uprobes ------------------------------------------------------------------------------
+def _gai(g: Gen, rid: int):
+    g.a.ldx(8, R1, R6, PT_REGS["rdi"]).stx(8, FP, -24, R1)
+    g.reserve(HDR + NAMELEN, rid)
+    g.user(HDR, NAMELEN, -24, rec=True, string=True)
     g.submit()
 
 
-def _ret(g: Gen):
-    g.reserve(HDR + 8)
-    g.reg("rax", HDR)
-    g.submit()
-
-
-def _enter(g: Gen, plan: Plan, full: bool):
-    """send_dg(statp, buf, buflen, buf2, buflen2, ...): keep buf/buf2 for the writer
-    probe; decide whether this thread is detailed; if so, the record."""
+def _enter(g: Gen, plan: Plan, rid: int, full: bool):
+    """send_dg(statp, buf, buflen, buf2, buflen2, ...): statp/buf/buf2 for the syscall
+    probes and the writer; is this thread detailed? if so, the record."""
     a = g.a
-    g.save(SLOT_BUF1, "rsi")
-    g.save(SLOT_BUF2, "rcx")
-    g.save(SLOT_ANS, value=0)
-    a.sti(8, FP, -24, 0).sti(8, FP, -32, 0)
-    for at, off, n in ((-24, plan.options_off, 8), (-32, plan.flags_off, 4)):
-        a.mov(R1, FP).alu(ADD, R1, at).movi(R2, n)
-        a.ldx(8, R3, R6, PT_REGS["rdi"]).alu(ADD, R3, off).call(bpf.PROBE_READ_USER)
+    for slot, reg, at in ((SLOT_STATP, "rdi", -40), (SLOT_BUF1, "rsi", -48), (SLOT_BUF2, "rcx", -56)):
+        g.reg(reg, at)
+        g.put(slot, at)
+    g.put(SLOT_ANS, value=0)
+    g.user(-24, 8, -40, disp=plan.options_off)
+    g.user(-32, 4, -40, disp=plan.flags_off)
     if not full:
         a.ldx(8, R1, FP, -24).ldx(8, R2, FP, -32).alu(OR, R1, src=R2)
         a.alu(AND, R1, STICKY_MASK).jmp(JNE, R1, "keep", imm=0)
         g.forget(SLOT_DETAIL)
         a.ja("out")
         a.label("keep")
-    g.save(SLOT_DETAIL, value=1)
-    g.reserve(HDR + 40 + 2 * QLEN)
-    for i, r in enumerate(("rdi", "rsi", "rcx")):
-        g.reg(r, HDR + 8 * i)
-    a.ldx(8, R1, FP, -24).stx(8, R8, HDR + 24, R1)
-    a.ldx(8, R1, FP, -32).stx(8, R8, HDR + 32, R1)
-    g.read(HDR + 40, QLEN, src_off=HDR + 8)
-    g.read(HDR + 40 + QLEN, QLEN, src_off=HDR + 16)
+    g.put(SLOT_DETAIL, value=1)
+    g.reserve(ENTER_SIZE, rid)
+    for i, at in enumerate((-40, -48, -56, -24, -32)):
+        g.copy(HDR + 8 * i, at)
+    g.user(HDR + 40, QLEN, -48, rec=True)
+    g.user(HDR + 40 + QLEN, QLEN, -56, rec=True)
     g.submit()
 
 
-POLL_REGS = ("rdi", "rdx", "rsp", "rbp", "rbx", "r12", "r13", "r14", "r15", "rip")
+def _writer(g: Gen, plan: Plan, w: dict, rid: int):
+    """The instruction that sets the sticky bit, before it runs: statp is its base
+    register; buf/buf2 as send_dg's entry saw them; recvresp1/2 as the kernel kept them."""
+    g.put(SLOT_DETAIL, value=1)
+    g.reg(w["base_reg"], -40)
+    g.get(SLOT_BUF1, -48)
+    g.get(SLOT_BUF2, -56)
+    g.get(SLOT_ANS, -64)
+    g.reserve(WRITE_SIZE, rid)
+    for i, at in enumerate((-40, -48, -56)):
+        g.copy(HDR + 8 * i, at)
+    g.user(HDR + 24, 8, -40, disp=plan.options_off, rec=True)
+    g.user(HDR + 32, 4, -40, disp=plan.flags_off, rec=True)
+    g.copy(HDR + 40, -64)
+    g.user(HDR + 48, QLEN, -48, rec=True)
+    g.user(HDR + 48 + QLEN, QLEN, -56, rec=True)
+    g.submit()
 
 
-def _call_probes(add, lib: str, c: dict, detail_only: bool):
-    kind, call, ret = c["kind"], c["call_offset"], c["ret_offset"]
-    if kind == "poll":
-        def poll_call(g):
-            g.save(SLOT_PFD, "rdi")
-            g.reserve(HDR + 8 * len(POLL_REGS) + 8)
-            for i, r in enumerate(POLL_REGS):
-                g.reg(r, HDR + 8 * i)
-            g.read(HDR + 8 * len(POLL_REGS), 8, src_off=HDR)
-            g.submit()
+# -- system calls -------------------------------------------------------------------------------
+def _resolver_fd(g: Gen, plan: Plan, fd_at: int):
+    """Go on only if the int at fp+fd_at is one of statp->_u._ext.nssocks, statp being the
+    thread's last send_dg call's."""
+    a = g.a
+    g.get(SLOT_STATP, -64)
+    a.ldx(8, R1, FP, -64).jmp(JEQ, R1, "out", imm=0)
+    a.sti(8, FP, -80, 0).sti(8, FP, -72, 0)
+    g.user(-80, 12, -64, disp=plan.nssocks_off)
+    ok = g.uniq("fd")
+    a.ldx(4, R1, FP, fd_at)
+    for i in range(3):
+        a.ldx(4, R2, FP, -80 + 4 * i).jmp(JEQ, R1, ok, src=R2)
+    a.ja("out")
+    a.label(ok)
 
-        def poll_ret(g):
-            g.reserve(HDR + 24)
-            g.reg("rax", HDR)
-            g.saved(SLOT_PFD, HDR + 8)
-            g.read(HDR + 16, 8, src_off=HDR + 8)
-            g.submit()
-        add("P", lib, call, poll_call, HDR + 8 * len(POLL_REGS) + 8, detail_only,
-            site=c.get("site"))
-        add("p", lib, ret, poll_ret, HDR + 24, detail_only)
-    elif kind in ("send", "recvfrom"):
-        slot, n = (SLOT_SEND, 8) if kind == "send" else (SLOT_RECV, 16)
 
-        def saver(g, slot=slot):
-            g.save(slot, "rsi")
+def _sys_enter(g: Gen, plan: Plan, rids: dict):
+    a = g.a
+    a.ldx(8, R1, R6, 8)                                   # args[1]: the syscall number
+    a.jmp(JEQ, R1, "poll", imm=NR_POLL).jmp(JEQ, R1, "sendto", imm=NR_SENDTO)
+    a.jmp(JEQ, R1, "recvfrom", imm=NR_RECVFROM).ja("out")
+    a.label("poll")                                       # poll(pfd, nfds, timeout)
+    g.only_detailed()
+    g.reg("rdi", -88)
+    g.user(-56, 4, -88)                                   # pfd[0].fd
+    _resolver_fd(g, plan, -56)
+    g.put(SLOT_PFD, -88)
+    g.reserve(POLL_SIZE, rids["P"])
+    for i, r in enumerate(POLL_REGS):
+        g.reg(r, HDR + 8 * i, rec=True)
+    g.user(HDR + 8 * len(POLL_REGS), 8, HDR, rec=True, ptr_in_rec=True)
+    g.submit()
+    a.ja("out")
+    for name, slot in (("sendto", SLOT_SEND), ("recvfrom", SLOT_RECV)):
+        a.label(name)                                     # (fd, buf, len, flags, ...)
+        if slot == SLOT_SEND:
+            g.only_detailed()
+        g.reg("rdi", -56)
+        _resolver_fd(g, plan, -56)
+        g.reg("rsi", -88)
+        g.put(slot, -88)
+        a.ja("out")
 
-        def reader(g, slot=slot, n=n):
-            if slot == SLOT_RECV:
-                _answered(g)
-                g.only_detailed()
-            g.reserve(HDR + 16 + n)
-            g.reg("rax", HDR)
-            g.saved(slot, HDR + 8)
-            g.read(HDR + 16, n, src_off=HDR + 8)
-            g.submit()
-        # recvfrom's pair runs for every thread: it keeps recvresp1/2 for the writer probe
-        add(None, lib, call, saver, 0, detail_only and kind == "send")
-        add("S" if kind == "send" else "R", lib, ret, reader, HDR + 16 + n,
-            detail_only and kind == "send")
-    elif kind == "sendmmsg":
-        add("M", lib, ret, _ret, HDR + 8, detail_only)
+
+def _sys_exit(g: Gen, plan: Plan, rids: dict):
+    a = g.a
+    g.reg("orig_rax", -48)
+    a.ldx(8, R1, FP, -48)
+    a.jmp(JEQ, R1, "poll", imm=NR_POLL).jmp(JEQ, R1, "sendto", imm=NR_SENDTO)
+    a.jmp(JEQ, R1, "recvfrom", imm=NR_RECVFROM).jmp(JEQ, R1, "mmsg", imm=NR_SENDMMSG).ja("out")
+    a.label("poll")
+    _exit_with(g, SLOT_PFD, rids["p"], 8)
+    a.label("sendto")
+    _exit_with(g, SLOT_SEND, rids["S"], 8)
+    a.label("recvfrom")
+    g.get(SLOT_RECV, -88)
+    a.ldx(8, R1, FP, -88).jmp(JEQ, R1, "out", imm=0)
+    g.forget(SLOT_RECV)
+    _answered(g)
+    g.only_detailed()
+    _exit_record(g, rids["R"], 16)
+    a.label("mmsg")                                       # sendmmsg(fd, msgvec, n, flags)
+    g.only_detailed()
+    g.reg("rdi", -56)
+    _resolver_fd(g, plan, -56)
+    g.reserve(HDR + 8, rids["M"])
+    a.ldx(8, R1, R6, 8).stx(8, R8, HDR, R1)
+    g.submit()
+    a.ja("out")
+
+
+def _exit_with(g: Gen, slot: int, rid: int, n: int):
+    """A syscall whose enter probe saved a pointer in ``slot`` (so: send_dg's, and the
+    thread detailed): the record with its return value and n bytes there."""
+    g.get(slot, -88)
+    g.a.ldx(8, R1, FP, -88).jmp(JEQ, R1, "out", imm=0)
+    g.forget(slot)
+    _exit_record(g, rid, n)
+
+
+def _exit_record(g: Gen, rid: int, n: int):
+    a = g.a
+    g.reserve(HDR + 16 + n, rid)
+    a.ldx(8, R1, R6, 8).stx(8, R8, HDR, R1)               # args[1]: the return value
+    g.copy(HDR + 8, -88)
+    g.user(HDR + 16, n, -88, rec=True)
+    g.submit()
+    a.ja("out")
 
 
 def _answered(g: Gen):
-    """For every thread: which of this send_dg call's queries an answer matched, as
-    send_dg's recvresp1/recvresp2 (bits 0/1 of state[SLOT_ANS]); the writer probe reports
-    it, so the lost query is named even when the thread was not detailed."""
+    """Which of this send_dg call's queries the answer matched (send_dg's recvresp1/2,
+    bits 0/1 of state[SLOT_ANS]), for every thread."""
     a = g.a
-    a.ldx(8, R1, R6, PT_REGS["rax"]).jmp(JSLT, R1, "ansdone", imm=12)
-    g.load_saved(SLOT_RECV, -40)
-    g.load_saved(SLOT_BUF1, -48)
-    g.load_saved(SLOT_BUF2, -56)
-    g.load_saved(SLOT_ANS, -88)
-    g.read_stack(-64, 2, -40)
-    g.read_stack(-72, 2, -48)
-    g.read_stack(-80, 2, -56)
-    a.ldx(8, R1, FP, -64).ldx(8, R2, FP, -72).ldx(8, R3, FP, -88)
+    a.ldx(8, R1, R6, 8).jmp(JSLT, R1, "ansdone", imm=12)
+    g.get(SLOT_BUF1, -48)
+    g.get(SLOT_BUF2, -56)
+    g.get(SLOT_ANS, -104)
+    g.user(-64, 2, -88)
+    g.user(-72, 2, -48)
+    g.user(-96, 2, -56)
+    a.ldx(8, R1, FP, -64).ldx(8, R2, FP, -72).ldx(8, R3, FP, -104)
     a.jmp(JNE, R1, "ans2", src=R2).alu(OR, R3, 1)
     a.label("ans2").ldx(8, R2, FP, -56).jmp(JEQ, R2, "ansput", imm=0)
-    a.ldx(8, R2, FP, -80).jmp(JNE, R1, "ansput", src=R2).alu(OR, R3, 2)
-    a.label("ansput").stx(8, FP, -88, R3)
-    g.save_stack(SLOT_ANS, -88)
+    a.ldx(8, R2, FP, -96).jmp(JNE, R1, "ansput", src=R2).alu(OR, R3, 2)
+    a.label("ansput").stx(8, FP, -104, R3)
+    g.put(SLOT_ANS, -104)
     a.label("ansdone")
-
-
-def _writer(g: Gen, plan: Plan, w: dict):
-    """The instruction that sets the sticky bit, before it runs: statp is its base
-    register; buf/buf2 as send_dg's entry saw them."""
-    g.save(SLOT_DETAIL, value=1)
-    g.reserve(WRITE_SIZE)
-    g.reg(w["base_reg"], HDR)
-    g.saved(SLOT_BUF1, HDR + 8)
-    g.saved(SLOT_BUF2, HDR + 16)
-    g.read(HDR + 24, 8, src_off=HDR, disp=plan.options_off)
-    g.read(HDR + 32, 4, src_off=HDR, disp=plan.flags_off)
-    g.saved(SLOT_ANS, HDR + 40)
-    g.read(HDR + 48, QLEN, src_off=HDR + 8)
-    g.read(HDR + 48 + QLEN, QLEN, src_off=HDR + 16)
-    g.submit()

@@ -34,24 +34,24 @@ def _queries(rec: bytes, at: int, buf2: int):
 
 
 class Decoder:
-    """``probes``: the Probe list (program.build) that wrote the records; ``writers``: the
+    """``record_kinds``: {record id: (kind, meta)} from program.build; ``writers``: the
     plan's writer descriptions; ``clock_offset``: wall time - CLOCK_MONOTONIC;
     ``names(tid)``: the thread's name (read from /proc by the caller)."""
 
-    def __init__(self, probes, writers: list[dict], clock_offset: float, names=None):
-        self.table = {p.id: p for p in probes}
+    def __init__(self, record_kinds: dict, writers: list[dict], clock_offset: float, names=None):
+        self.table = record_kinds
         self.writers = writers
         self.clock_offset = clock_offset
         self.names = names or (lambda tid: None)
 
     def decode(self, rec: bytes) -> Event | None:
         try:
-            pid, tid, ns = struct.unpack_from("<IIQ", rec, 0)
-            probe = self.table[pid]
-            handler = _HANDLERS.get(probe.kind)
+            rid, tid, ns = struct.unpack_from("<IIQ", rec, 0)
+            kind, meta = self.table[rid]
+            handler = _HANDLERS.get(kind)
             if handler is None:
                 return None
-            kind, data, prov = handler(self, probe, rec)
+            kind, data, prov = handler(self, meta, rec)
         except (KeyError, struct.error, IndexError) as exc:
             raise RecordError(f"bad record ({len(rec)} bytes): {exc}") from exc
         name = self.names(tid)
@@ -60,7 +60,7 @@ class Decoder:
         return Event(t=ns / 1e9 + self.clock_offset, lwp=tid, kind=kind, data=data, prov=prov)
 
     # -- one method per record kind ------------------------------------------------------
-    def _gai(self, probe, rec):
+    def _gai(self, meta, rec):
         raw = rec[HDR:HDR + NAMELEN]
         name = raw.split(b"\0", 1)[0].decode(errors="replace")
         return E.GAI_ENTER, {"function": "getaddrinfo", "name": name}, \
@@ -69,11 +69,11 @@ class Decoder:
     def _value(self, rec):
         return struct.unpack_from("<q", rec, HDR)[0]
 
-    def _gai_ret(self, probe, rec):
+    def _gai_ret(self, meta, rec):
         return E.GAI_RETURN, {"function": "getaddrinfo", "ret": _s32(self._value(rec))}, \
             {"ret": "register"}
 
-    def _enter(self, probe, rec):
+    def _enter(self, meta, rec):
         statp, buf, buf2, options, flags = struct.unpack_from("<QQQQQ", rec, HDR)
         q1, q2 = _queries(rec, HDR + 40, buf2)
         data = {"function": "send_dg", "statp": statp, "options": options,
@@ -82,17 +82,17 @@ class Decoder:
                 "q1": "memory", "q2": "memory"}
         return E.SEND_DG_ENTER, data, prov
 
-    def _poll(self, probe, rec):
+    def _poll(self, meta, rec):
         regs = dict(zip(POLL_REGS, struct.unpack_from(f"<{len(POLL_REGS)}Q", rec, HDR)))
         fd, events = struct.unpack_from("<iH", rec, HDR + 8 * len(POLL_REGS))
         pfd, timeout = regs.pop("rdi"), _s32(regs.pop("rdx"))
-        data = {"function": "poll", "site": probe.meta.get("site") or "wait", "fd": fd,
+        data = {"function": "poll", "site": "check" if timeout == 0 else "wait", "fd": fd,
                 "events": events, "nfds": 1, "timeout_ms": timeout, "pfd": pfd, "regs": regs}
         prov = {"fd": "memory", "events": "memory", "timeout_ms": "register", "pfd": "register",
-                "site": "disassembly", "regs": "register"}
+                "site": "inferred", "regs": "register"}
         return E.POLL_ENTER, data, prov
 
-    def _poll_ret(self, probe, rec):
+    def _poll_ret(self, meta, rec):
         n, pfd = struct.unpack_from("<qQ", rec, HDR)
         fd, _events, revents = struct.unpack_from("<iHH", rec, HDR + 16)
         data, prov = {"function": "poll", "n": _s32(n)}, {"n": "register"}
@@ -101,18 +101,18 @@ class Decoder:
             prov.update(fd="memory", revents="memory")
         return E.POLL_RETURN, data, prov
 
-    def _send_ret(self, probe, rec):
+    def _send_ret(self, meta, rec):
         n, buf = struct.unpack_from("<qQ", rec, HDR)
         data, prov = {"function": "send", "n": n}, {"n": "register"}
         if buf:
             data["id"], prov["id"] = struct.unpack_from(">H", rec, HDR + 16)[0], "memory"
         return E.SEND_RETURN, data, prov
 
-    def _mmsg_ret(self, probe, rec):
+    def _mmsg_ret(self, meta, rec):
         return E.SENDMMSG_RETURN, {"function": "sendmmsg", "n": _s32(self._value(rec))}, \
             {"n": "register"}
 
-    def _recv_ret(self, probe, rec):
+    def _recv_ret(self, meta, rec):
         n, buf = struct.unpack_from("<qQ", rec, HDR)
         data, prov = {"function": "recvfrom", "n": n}, {"n": "register"}
         if buf and n >= 12:
@@ -121,8 +121,8 @@ class Decoder:
                 data[k], prov[k] = hdr[k], "memory"
         return E.RECVFROM_RETURN, data, prov
 
-    def _write(self, probe, rec):
-        w = self.writers[probe.meta["writer"]]
+    def _write(self, meta, rec):
+        w = self.writers[meta["writer"]]
         statp, buf, buf2, options, flags, answered = struct.unpack_from("<QQQQQQ", rec, HDR)
         flags &= 0xFFFFFFFF
         before = options if w["field"] == "options" else flags
@@ -139,7 +139,7 @@ class Decoder:
                 "recvresp1": "inferred", "recvresp2": "inferred"}
         return E.FLAG_WRITE, data, prov
 
-    def _dg_ret(self, probe, rec):
+    def _dg_ret(self, meta, rec):
         return E.SEND_DG_RETURN, {"function": "send_dg", "ret": _s32(self._value(rec))}, \
             {"ret": "register"}
 

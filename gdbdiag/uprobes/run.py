@@ -60,8 +60,8 @@ class UprobeRun:
                             resolv_conf_single_request=_resolv_conf_single_request(self.pid))
         self._status()
         self.owner = Probes(plan, self.mode)
-        self.decoder = Decoder(self.owner.probes, plan.writers, time.time() - time.monotonic(),
-                               self._name)
+        self.decoder = Decoder(self.owner.record_kinds, plan.writers,
+                               time.time() - time.monotonic(), self._name)
         return time.monotonic() - t
 
     def _name(self, tid: int) -> str | None:

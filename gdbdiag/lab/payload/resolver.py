@@ -47,7 +47,7 @@ def main():
                 result, error = [], "%s (%s)" % (e.strerror, e.errno)
             dur = time.monotonic() - m0
             rec = {"t": t0, "thread": label, "tid": tid, "name": name,
-                   "seconds": round(dur, 4), "result": result, "error": error}
+                   "seconds": round(dur, 6), "result": result, "error": error}
             with lock:
                 out.write(json.dumps(rec) + "\n")
             time.sleep(max(0.0, args.interval - dur))
