@@ -103,8 +103,8 @@ class Tool:
             time.sleep(0.5)
 
     def _pump_uprobe(self):
-        while not self._stop.is_set() and self.uprobe.owner.alive():
-            self.uprobe.pump(0.1)
+        while not self._stop.is_set():
+            self.uprobe.pump(0.05)
 
     def _pump_gdb(self):
         seen = 0

@@ -8,7 +8,8 @@ Two kinds of kernel probes, each reading what the gdb probes read at the same po
   as possible: one per send_dg call.
 - **raw syscall tracepoints** (``sys_enter``/``sys_exit``) for what send_dg does through
   system calls: poll, sendto (``send``), sendmmsg, recvfrom. No trap; the BPF program
-  gets the thread's user registers (pt_regs) and reads its memory. A syscall is send_dg's
+  gets the thread's user registers (pt_regs) and reads its memory. Every syscall of the
+  machine runs the first few instructions (is it the target?) while a run lasts. A syscall is send_dg's
   when its socket is one of ``statp->_u._ext.nssocks`` of the thread's last send_dg call.
 
 Each program writes binary records into one ring buffer (decoded by :mod:`.records`).
@@ -290,12 +291,34 @@ def _resolver_fd(g: Gen, plan: Plan, fd_at: int):
     a.label(ok)
 
 
+SYSCALLS = {NR_POLL: "poll", NR_SENDTO: "sendto", NR_RECVFROM: "recvfrom", NR_SENDMMSG: "sendmmsg"}
+
+
 def _sys_enter(g: Gen, plan: Plan, rids: dict):
+    """raw_syscalls:sys_enter, for every syscall of the machine: dispatch on the number."""
     a = g.a
     a.ldx(8, R1, R6, 8)                                   # args[1]: the syscall number
-    a.jmp(JEQ, R1, "poll", imm=NR_POLL).jmp(JEQ, R1, "sendto", imm=NR_SENDTO)
-    a.jmp(JEQ, R1, "recvfrom", imm=NR_RECVFROM).ja("out")
-    a.label("poll")                                       # poll(pfd, nfds, timeout)
+    for nr in (NR_POLL, NR_SENDTO, NR_RECVFROM):
+        a.jmp(JEQ, R1, SYSCALLS[nr], imm=nr)
+    a.ja("out")
+    for nr in (NR_POLL, NR_SENDTO, NR_RECVFROM):
+        a.label(SYSCALLS[nr])
+        ENTER[nr](g, plan, rids)
+
+
+def _sys_exit(g: Gen, plan: Plan, rids: dict):
+    a = g.a
+    g.reg("orig_rax", -48)
+    a.ldx(8, R1, FP, -48)
+    for nr in SYSCALLS:
+        a.jmp(JEQ, R1, SYSCALLS[nr], imm=nr)
+    a.ja("out")
+    for nr in SYSCALLS:
+        a.label(SYSCALLS[nr])
+        EXIT[nr](g, plan, rids)
+
+
+def _enter_poll(g: Gen, plan: Plan, rids: dict):          # poll(pfd, nfds, timeout)
     g.only_detailed()
     g.reg("rdi", -88)
     g.user(-56, 4, -88)                                   # pfd[0].fd
@@ -306,36 +329,31 @@ def _sys_enter(g: Gen, plan: Plan, rids: dict):
         g.reg(r, HDR + 8 * i, rec=True)
     g.user(HDR + 8 * len(POLL_REGS), 8, HDR, rec=True, ptr_in_rec=True)
     g.submit()
-    a.ja("out")
-    for name, slot in (("sendto", SLOT_SEND), ("recvfrom", SLOT_RECV)):
-        a.label(name)                                     # (fd, buf, len, flags, ...)
-        if slot == SLOT_SEND:
-            g.only_detailed()
-        g.reg("rdi", -56)
-        _resolver_fd(g, plan, -56)
-        g.reg("rsi", -88)
-        g.put(slot, -88)
-        a.ja("out")
+    g.a.ja("out")
 
 
-def _sys_exit(g: Gen, plan: Plan, rids: dict):
+def _enter_sock(g: Gen, plan: Plan, slot: int):           # (fd, buf, len, flags, ...)
+    if slot == SLOT_SEND:
+        g.only_detailed()
+    g.reg("rdi", -56)
+    _resolver_fd(g, plan, -56)
+    g.reg("rsi", -88)
+    g.put(slot, -88)
+    g.a.ja("out")
+
+
+def _exit_recv(g: Gen, plan: Plan, rids: dict):
     a = g.a
-    g.reg("orig_rax", -48)
-    a.ldx(8, R1, FP, -48)
-    a.jmp(JEQ, R1, "poll", imm=NR_POLL).jmp(JEQ, R1, "sendto", imm=NR_SENDTO)
-    a.jmp(JEQ, R1, "recvfrom", imm=NR_RECVFROM).jmp(JEQ, R1, "mmsg", imm=NR_SENDMMSG).ja("out")
-    a.label("poll")
-    _exit_with(g, SLOT_PFD, rids["p"], 8)
-    a.label("sendto")
-    _exit_with(g, SLOT_SEND, rids["S"], 8)
-    a.label("recvfrom")
     g.get(SLOT_RECV, -88)
     a.ldx(8, R1, FP, -88).jmp(JEQ, R1, "out", imm=0)
     g.forget(SLOT_RECV)
     _answered(g)
     g.only_detailed()
     _exit_record(g, rids["R"], 16)
-    a.label("mmsg")                                       # sendmmsg(fd, msgvec, n, flags)
+
+
+def _exit_mmsg(g: Gen, plan: Plan, rids: dict):            # sendmmsg(fd, msgvec, n, flags)
+    a = g.a
     g.only_detailed()
     g.reg("rdi", -56)
     _resolver_fd(g, plan, -56)
@@ -343,6 +361,14 @@ def _sys_exit(g: Gen, plan: Plan, rids: dict):
     a.ldx(8, R1, R6, 8).stx(8, R8, HDR, R1)
     g.submit()
     a.ja("out")
+
+
+ENTER = {NR_POLL: _enter_poll,
+         NR_SENDTO: lambda g, plan, rids: _enter_sock(g, plan, SLOT_SEND),
+         NR_RECVFROM: lambda g, plan, rids: _enter_sock(g, plan, SLOT_RECV)}
+EXIT = {NR_POLL: lambda g, plan, rids: _exit_with(g, SLOT_PFD, rids["p"], 8),
+        NR_SENDTO: lambda g, plan, rids: _exit_with(g, SLOT_SEND, rids["S"], 8),
+        NR_RECVFROM: _exit_recv, NR_SENDMMSG: _exit_mmsg}
 
 
 def _exit_with(g: Gen, slot: int, rid: int, n: int):
