@@ -424,7 +424,8 @@ def _run_uprobe(pid: int, args, facts: dict) -> int:
     passive_events = []
     mode = "full" if args.full else "lean" if args.lean else "armed"
     run_ = UprobeRun(pid, mode, say=_say, quiet=args.quiet, record=args.record,
-                     step_log=args.step_log)
+                     step_log=args.step_log, symbols=args.symbols, offline=args.offline,
+                     source=not args.no_source)
     try:
         if args.passive:
             res, suspect = _run_passive(pid, args, stop, deadline)
@@ -443,6 +444,7 @@ def _run_uprobe(pid: int, args, facts: dict) -> int:
             _say(f"gdbdiag: {run_.armed_line(arm_s)}; {pid} ({facts['name']}, {facts['threads']} "
                  f"threads); tracing for up to {deadline - time.monotonic():.0f} s (Ctrl-C ends "
                  "the run cleanly)")
+            _say(f"gdbdiag: {run_.symbols_line}")
         run_.release()
         ended = run_.loop(deadline, stop, args.until)
         if stop["why"] and not args.quiet:

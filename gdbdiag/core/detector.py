@@ -100,8 +100,10 @@ class Detector:
                 "lost_qname": lost.qname if lost else None,
                 "lost_qtype": lost.qtype if lost else None,
                 "qname": lost.qname if lost else None, "qtype": lost.qtype if lost else None}
-        prov = {k: (ev.prov.get("value", "memory") if how == "flag_write" else E.INFERRED)
-                for k in ("field",)}
+        # the field written is known from the writer instruction (disassembly) at a flag
+        # write, or read (memory) in a status/entry read of options/_flags
+        prov = {"field": ev.prov.get("field", ev.prov.get("options", E.INFERRED))
+                if how != "timeout" else E.INFERRED}
         prov.update({k: E.INFERRED for k in data if k != "field"})
         return [self._finding(E.STICKY_ENGAGED, th, ev, data, prov)]
 

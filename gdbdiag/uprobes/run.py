@@ -28,7 +28,8 @@ KEEP_OBSERVATIONS = 20000       # in the report; the stream file (--record) has 
 class UprobeRun:
     def __init__(self, pid: int, mode: str = "armed", say=print, quiet: bool = False,
                  record: str | None = None, workdir: str | None = None,
-                 step_log: str | None = None):
+                 step_log: str | None = None, symbols: str = "auto", offline: bool = False,
+                 source: bool = True):
         self.pid, self.mode, self.say, self.quiet = pid, mode, say, quiet
         self.record = open(record, "a") if record else None
         self.step_log = open(step_log, "a") if step_log else None
@@ -44,6 +45,9 @@ class UprobeRun:
         self._names: dict[int, str | None] = {}
         self.stack_error: str | None = None
         self.lost = 0
+        self.symbols, self.offline, self.source = symbols, offline, source
+        self.enrich = None
+        self.symbols_line = ""
         self.held: list[str] | None = []       # findings before the armed line is printed
 
     # -- set-up ------------------------------------------------------------------------------
@@ -55,6 +59,9 @@ class UprobeRun:
         self.ident = ident
         self.analysis = P.analyze(self.pid, ident)
         plan = P.make_plan(self.pid, ident, self.analysis)
+        from .enrich import Enrichment
+        self.enrich = Enrichment(ident, self.symbols, self.offline, source=self.source)
+        self.symbols_line = self.enrich.start()
         field = self.analysis.get("sticky_field")
         self.det = Detector(flag_probe=bool(plan.writers), sticky_field=field,
                             resolv_conf_single_request=_resolv_conf_single_request(self.pid))
@@ -123,7 +130,7 @@ class UprobeRun:
             return
         try:
             from ..unwind import unwind
-            frames = unwind(self.pid, regs)
+            frames = unwind(self.pid, regs, debug_dirs=self.enrich.debug_dirs if self.enrich else ())
         except Exception as exc:          # the diagnosis stands without a stack
             self.stack_error = f"{type(exc).__name__}: {exc}"
             return
@@ -204,16 +211,49 @@ class UprobeRun:
                 + f"); sticky bit in {a.get('sticky_field') or '?'}")
 
     # -- the report ---------------------------------------------------------------------------
+    def _sources(self) -> None:
+        """glibc's source at the switch (the writer) and at the doomed poll, when the
+        debug file (line table) and Debian's source of this build are at hand."""
+        a, en = self.analysis, self.enrich
+        obj = a.get(a.get("send_dg_object") or "") or {}
+        if en is None or not obj.get("build_id"):
+            return
+        writer = next((w["addr"] for w in obj.get("sticky_writers", [])
+                       if w.get("in_send_dg") and w["bit"] == "RES_SNGLKUP"), None)
+        wait = next((c["call_addr"] for c in obj.get("calls", [])
+                     if c["kind"] == "poll" and c.get("site") == "wait"), None)
+        at = {E.STICKY_ENGAGED: writer, E.DOOMED_POLL: wait}
+        cache: dict = {}
+        for f in self.det.findings:
+            addr = at.get(f.kind)
+            if addr is None or (f.kind == E.STICKY_ENGAGED and f.get("how") != "flag_write"):
+                continue
+            if addr not in cache:
+                try:
+                    cache[addr] = en.source_at(obj["build_id"], addr)
+                except Exception as exc:          # source lines are a nicety
+                    en.notes.append(f"source lines: {exc}")
+                    cache[addr] = None
+            if cache[addr]:
+                f.data["source"], f.prov["source"] = cache[addr], "dwarf"
+
     def report(self, ended_by: str, arm_s: float | None) -> dict:
         from ..symbols.facts import glibc_facts
+        if self.enrich is not None:
+            self.enrich.settle(2.0)
+            self._sources()
         a = self.analysis
         glibc = glibc_facts(self.pid, {"affected_30081": a.get("affected_30081"),
                                        "sticky_field": a.get("sticky_field"),
                                        "send_dg_object": a.get("send_dg_object")})
         glibc["affected_how"] = (a.get(a.get("send_dg_object") or "", {}) or {}).get("fix_30081")
         target = {"pid": self.pid, "exe": _exe(self.pid), "name": self._name(self.pid)}
-        rep = R.build(self.det, target, glibc, {"source": ["none needed (disassembly)"],
-                                                 "verified": None}, list(self.observations))
+        en = self.enrich
+        symbols = {"source": [en.origin] if en and en.origin else ["none needed (disassembly)"],
+                   "verified": bool(en and en.debug_files) or None,
+                   "debug_files": dict(en.debug_files) if en else {},
+                   "note": self.symbols_line, "errors": list(en.notes) if en else []}
+        rep = R.build(self.det, target, glibc, symbols, list(self.observations))
         rep["run"] = {"backend": "uprobe", "mode": self.mode, "ended_by": ended_by,
                       "attach_to_armed_s": round(arm_s, 3) if arm_s is not None else None,
                       "records": self.records_seen, "bad_records": self.bad_records,

@@ -1,0 +1,79 @@
+"""No debug symbols, no network, an empty cache: the diagnosis comes from the code.
+
+`gdbdiag attach` runs in a network namespace with no route (`unshare -n`) and an empty
+cache (GDBDIAG_CACHE), so nothing can be fetched: probe points and the bug-30081
+verdict come from the analyzer (gdbdiag.glibc), the probes are kernel probes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from gdbdiag.codecheck import diff_code
+
+pytestmark = pytest.mark.lab
+
+
+def _attach(pid, cache, out, *extra):
+    argv = ["unshare", "-n", sys.executable, "-m", "gdbdiag.cli", "attach", str(pid),
+            "--json", str(out), *extra]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=dict(os.environ, GDBDIAG_CACHE=str(cache)), start_new_session=True)
+    lines: list[str] = []
+    t = threading.Thread(target=lambda: lines.extend(l.rstrip("\n") for l in p.stdout), daemon=True)
+    t.start()
+    return p, lines, t
+
+
+@pytest.mark.parametrize("release,verdict", [("bullseye", "STICKY_STALLING"),
+                                             ("bookworm", "STICKY_NO_STALL"),
+                                             ("trixie", "STICKY_NO_STALL")])
+def test_diagnosis_with_no_symbols_and_no_network(lab_factory, tmp_path, release, verdict):
+    lab = lab_factory(release=release, workload="redis", fault="none")
+    cache = tmp_path / "empty-cache"
+    cache.mkdir()
+    out = tmp_path / "rep.json"
+    p, lines, t = _attach(lab.pid, cache, out, "--duration", "45", "--until",
+                          "stall" if release == "bullseye" else "sticky")
+    try:
+        deadline = time.monotonic() + 30
+        while not any("armed in" in l for l in lines) and time.monotonic() < deadline:
+            assert p.poll() is None, "\n".join(lines)
+            time.sleep(0.1)
+        lab.inject()
+        assert p.wait(timeout=90) == 0, "\n".join(lines)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        t.join(5)
+    text = "\n".join(lines)
+    assert "no debug symbols needed" in text
+    assert "symbols: 0 from the cache" in text          # the one line saying what it did
+    rep = json.loads(out.read_text())
+    assert rep["verdict"]["code"] == verdict, text
+    assert rep["glibc"]["affected_30081"] is (release == "bullseye")
+    assert rep["glibc"]["affected_source"].startswith("code")
+    assert rep["symbols"]["debug_files"] == {}
+    eng = [e for e in rep["events"] if e["kind"] == "sticky_engaged"]
+    assert "AAAA answer for keydb-0.keydb.default.svc.cluster.local. lost" in eng[0]["cause"]
+    assert eng[0]["provenance"]["field"] == "disassembly"
+    if release == "bullseye":
+        doomed = [e for e in rep["events"] if e["kind"] == "doomed_poll"]
+        stalls = rep["stalls"]
+        assert doomed and 4000 < doomed[0]["predicted_ms"] <= 5000
+        assert stalls and 4000 < stalls[0]["measured_ms"] < 5600
+        main = [t for t in rep["threads"] if t["lwp"] == lab.pid][0]
+        # the application stack, named from the target's own symbol tables and the
+        # analyzer (send_dg is a static function: no name in the stripped library)
+        assert {"send_dg", "getaddrinfo", "connectWithMaster", "replicationCron"} <= set(main["stack"])
+    # nothing was fetched: the empty cache holds only the analyzer's results
+    assert sorted(os.listdir(cache / "gdbdiag" if (cache / "gdbdiag").exists() else cache)) <= \
+        ["analysis", "tmp"]
+    assert rep["run"]["attach_to_armed_s"] is not None
+    assert diff_code(lab.pid, ("libc", "libresolv", "libnss_dns")) == []
