@@ -284,6 +284,11 @@ def run(args) -> int:
                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True,
                                env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+        # gdb dying with breakpoints inserted is this backend's hazard: the OOM killer
+        # (gdb reading debug info is the largest process of a debug container) should
+        # take the runner first (gdb then detaches on SIGHUP), never gdb or its safety net
+        for p in (g.child.pid, sup.pid):
+            _oom_score_adj(p, -999)
         opts = " --lean" if args.lean else ""
         if args.full:
             opts += " --full"
@@ -371,6 +376,14 @@ def run(args) -> int:
         return EXIT_TOOL
     shutil.rmtree(workdir, ignore_errors=True)
     return code
+
+
+def _oom_score_adj(pid: int, value: int) -> None:
+    try:
+        with open(f"/proc/{pid}/oom_score_adj", "w") as fh:
+            fh.write(str(value))
+    except OSError:               # not permitted (no CAP_SYS_RESOURCE): the default stays
+        pass
 
 
 def _merge_passive(rep: dict, passive_events: list) -> None:
