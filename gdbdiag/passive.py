@@ -49,6 +49,8 @@ from elftools.common.exceptions import DWARFError, ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.relocation import RelocationSection
 
+from .glibc.elfscan import tpoff_relocs
+
 from .core import events as E
 from .core.events import Event
 from .core.flags import POLLIN, decode_flags, decode_options, sticky_bits
@@ -262,37 +264,6 @@ def _symbols(elf: ELFFile, names, sections=(".dynsym", ".symtab")) -> dict[str, 
     return out
 
 
-def _tpoff_relocs(elf: ELFFile, sym: str = "__resp") -> list[tuple[int, str]]:
-    """GOT slots (r_offset, how) of R_X86_64_TPOFF64 relocations that resolve to ``sym``:
-    a named one, or an anonymous one (local TLS) whose addend is ``sym``'s st_value."""
-    dynsym = elf.get_section_by_name(".dynsym")
-    if dynsym is None:
-        return []
-    val = None
-    for s in dynsym.get_symbol_by_name(sym) or []:
-        if s["st_info"]["type"] == "STT_TLS" and s["st_shndx"] != "SHN_UNDEF":
-            val = s["st_value"]
-    named, anon = [], []
-    for sec in elf.iter_sections():
-        if not isinstance(sec, RelocationSection) or not sec.is_RELA():
-            continue
-        for r in sec.iter_relocations():
-            if r["r_info_type"] != R_X86_64_TPOFF64:
-                continue
-            si = r["r_info_sym"]
-            if si == 0:
-                if val is not None and r["r_addend"] == val:
-                    anon.append((r["r_offset"], f"anonymous TPOFF64, addend {val:#x} = {sym} st_value"))
-            else:
-                try:
-                    name = dynsym.get_symbol(si).name
-                except (IndexError, ELFError):
-                    continue
-                if name == sym and r["r_addend"] == 0:
-                    named.append((r["r_offset"], f"TPOFF64 {sym}"))
-    return named + anon
-
-
 def _member_offset(die) -> int | None:
     a = die.attributes.get("DW_AT_data_member_location")
     if a is None:
@@ -428,14 +399,14 @@ def locate(pid: int, mem: ProcMem, cache_dir: str | None = None,
         ls = _symbols(libc_elf, want, (".dynsym",))
         if "_res" in ls:
             lay.main_res = libc.bias + ls["_res"]["value"]
-        slots = [(libc, off, how) for off, how in _tpoff_relocs(libc_elf)]
+        slots = [(libc, off, how) for off, how in tpoff_relocs(libc_elf)]
     finally:
         libc_elf.stream.close()
     if objs["libresolv"] is not None:
         try:
             e = elf_of(objs["libresolv"])
             try:
-                slots += [(objs["libresolv"], off, how) for off, how in _tpoff_relocs(e)]
+                slots += [(objs["libresolv"], off, how) for off, how in tpoff_relocs(e)]
             finally:
                 e.stream.close()
         except (OSError, ELFError):

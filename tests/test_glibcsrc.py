@@ -116,7 +116,7 @@ def test_dwarf_line_of_sticky_write(rel):
     debug files fetched and verified, and the source of that very package version."""
     import subprocess
 
-    from gdbdiag.symbols.analyze import find_sticky_writes
+    from gdbdiag.glibc.analyzer import analyze_object
     from gdbdiag.symbols.identify import identify_root
     from gdbdiag.symbols.sources import fetch_symbols
     from gdbdiag.symbols.testing import rootfs
@@ -130,12 +130,11 @@ def test_dwarf_line_of_sticky_write(rel):
     seen = []
     for o in ident.objects:
         argv = ["gdb", "-nx", "-batch", "-ex", f"set debug-file-directory {cache.debug_dir}", "-ex", f"file {o.host_path}"]
-        dis = subprocess.run(argv + ["-ex", "disassemble send_dg"], capture_output=True, text=True, timeout=120).stdout
-        writes = find_sticky_writes(dis)
+        a = analyze_object(o.host_path)
+        writes = [w for w in a["sticky_writers"] if w.get("in_send_dg") and w["bit"] == "RES_SNGLKUP"]
         if not writes:
             continue                      # this object does not hold send_dg
-        ins = writes[0][1].split(";")[-1].strip()
-        addr = next(ln.split()[0] for ln in dis.splitlines() if ins in ln)
+        addr = hex(writes[0]["addr"])
         info = subprocess.run(argv + ["-ex", f"info line *{addr}"], capture_output=True, text=True, timeout=120).stdout
         m = re.search(r'Line (\d+) of "([^"]+)"', info)
         assert m, info

@@ -96,11 +96,7 @@ def _dwarf_facts(debug_file: str, start: int) -> dict:
                     and "DW_AT_declaration" not in die.attributes:
                 struct = die
         if struct is not None:
-            out["struct"] = {}
-            for m in struct.iter_children():
-                loc = m.attributes.get("DW_AT_data_member_location")
-                if m.tag == "DW_TAG_member" and loc is not None and isinstance(loc.value, int):
-                    out["struct"][_name(m)] = loc.value
+            out["struct"] = {k: _member_offset(struct, k.split(".")) for k in C.RES_STATE}
         if sub is None:
             out["error"] = "no concrete DW_TAG_subprogram send_dg"
             return out
@@ -108,6 +104,26 @@ def _dwarf_facts(debug_file: str, start: int) -> dict:
         out["call_sites"] = _call_sites(sub)
         out["single_request_fbreg"] = _fbreg_offsets(dw, cu, sub, "single_request")
         return out
+
+
+def _member_offset(die, path: list[str]) -> int | None:
+    """Offset of the (nested, e.g. ``_u._ext.nssocks``) member ``path`` of a struct DIE."""
+    off = 0
+    for i, name in enumerate(path):
+        m = next((c for c in die.iter_children() if c.tag == "DW_TAG_member" and _name(c) == name), None)
+        if m is None:
+            return None
+        loc = m.attributes.get("DW_AT_data_member_location")
+        if loc is None and die.tag != "DW_TAG_union_type":     # union members sit at 0
+            return None
+        if loc is not None and not isinstance(loc.value, int):
+            return None
+        off += loc.value if loc is not None else 0
+        if i + 1 < len(path):
+            die = m.get_DIE_from_attribute("DW_AT_type")
+            while die.tag in ("DW_TAG_typedef", "DW_TAG_const_type", "DW_TAG_volatile_type"):
+                die = die.get_DIE_from_attribute("DW_AT_type")
+    return off
 
 
 def _ranges(dw, cu, sub) -> list[tuple[int, int]]:

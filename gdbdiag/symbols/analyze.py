@@ -1,9 +1,8 @@
 """What a glibc build does about bug 30081, decided from its code where possible.
 
-* :func:`analyze_send_dg` — with gdb in batch mode on the object and its verified
-  debug file: which object defines ``send_dg``, the offsets of ``options`` and
-  ``_flags`` in ``struct __res_state`` (DWARF), and which of them ``send_dg`` ORs the
-  sticky bit RES_SNGLKUP / RES_F_SNGLKUP (0x200000) into (disassembly).
+* :func:`analyze_send_dg` — which object defines ``send_dg`` and which field of
+  ``struct __res_state`` it ORs the sticky bit into: gdbdiag.glibc's analyzer (the one
+  home of this knowledge), cross-checked with DWARF when the debug file is at hand.
 * :func:`source_has_30081_fix` — from the exact source Debian built (signed Sources
   index → ``.debian.tar.xz`` patches, and the upstream ``res_send.c`` when needed):
   does the error-answer path read ``if (buf2 != NULL && !single_request)`` (the fix,
@@ -16,13 +15,11 @@ import io
 import lzma
 import os
 import re
-import subprocess
 import tarfile
 
 from .identify import version_tuple
 
-__all__ = ["analyze_send_dg", "parse_ptype_offsets", "find_sticky_writes", "version_table",
-           "source_has_30081_fix", "FIX_RE", "UNFIXED_RE"]
+__all__ = ["analyze_send_dg", "version_table", "source_has_30081_fix", "FIX_RE", "UNFIXED_RE"]
 
 SNGLKUP = 0x200000
 SNGLKUPREOP = 0x400000
@@ -41,92 +38,33 @@ def parse_ptype_offsets(text: str) -> dict[str, int]:
     return out
 
 
-_OR_MEM = re.compile(r"\b(or[bwlq]?)\s+\$0x([0-9a-f]+),\s*(-?0x[0-9a-f]+)?\((%\w+)\)")
-_BTS_MEM = re.compile(r"\b(bts[wlq]?)\s+\$0x([0-9a-f]+),\s*(-?0x[0-9a-f]+)?\((%\w+)\)")
-_OR_REG = re.compile(r"\b(or[bwlq]?)\s+\$0x([0-9a-f]+),\s*(%\w+)\s*$")
-_MOV_STORE = re.compile(r"\bmov[bwlq]?\s+(%\w+),\s*(-?0x[0-9a-f]+)?\((%\w+)\)")
+def analyze_send_dg(objects: list[tuple[str, str]], debug_dirs: list[str]) -> dict:
+    """Which of ``objects`` [(soname, host path)] holds ``send_dg`` and where its sticky
+    bit lives, from the code (gdbdiag.glibc's analyzer; a debug file found in
+    ``debug_dirs`` by build-id makes it cross-check against DWARF).
 
-
-def find_sticky_writes(disasm: str, bit: int = SNGLKUP) -> list[tuple[int, str]]:
-    """(memory offset, instruction) of each instruction in an x86-64 AT&T disassembly
-    that sets ``bit`` in memory: ``or $bit,off(%reg)``, ``bts $n,off(%reg)``, or
-    ``or $bit,%r`` followed (within 4 instructions) by ``mov %r,off(%reg)``."""
-    out = []
-    lines = [ln.split(":", 1)[-1].strip() for ln in disasm.splitlines() if "\t" in ln or ":" in ln]
-    for i, ins in enumerate(lines):
-        m = _OR_MEM.search(ins)
-        if m and int(m.group(2), 16) & bit:
-            out.append((int(m.group(3) or "0", 16), ins))
-            continue
-        m = _BTS_MEM.search(ins)
-        if m and (1 << int(m.group(2), 16)) == bit:
-            out.append((int(m.group(3) or "0", 16), ins))
-            continue
-        m = _OR_REG.search(ins)
-        if m and int(m.group(2), 16) & bit:
-            reg = m.group(3)
-            for nxt in lines[i + 1:i + 5]:
-                s = _MOV_STORE.search(nxt)
-                if s and _same_reg(s.group(1), reg):
-                    out.append((int(s.group(2) or "0", 16), f"{ins}; {nxt}"))
-                    break
-    return out
-
-
-def _same_reg(a: str, b: str) -> bool:
-    def base(r):
-        r = r.lstrip("%")
-        for pfx in ("r", "e"):
-            if r.startswith(pfx) and len(r) == 3 and r[1:] in ("ax", "bx", "cx", "dx", "si", "di", "bp", "sp"):
-                return r[1:]
-        if r in ("ax", "bx", "cx", "dx", "si", "di", "bp", "sp"):
-            return r
-        return re.sub(r"[dwb]$", "", r)
-    return base(a) == base(b)
-
-
-def analyze_send_dg(objects: list[tuple[str, str]], debug_dirs: list[str], gdb: str = "gdb",
-                    timeout: float = 120) -> dict:
-    """Find ``send_dg`` in the first of ``objects`` [(soname, host path)] that
-    defines it (with separate debug files from ``debug_dirs``), and decide from its
-    code where the sticky single-request flag lives.
-
-    Returns {"send_dg_object", "sticky_field", "offsets", "writes", "evidence"}."""
-    res = {"send_dg_object": None, "sticky_field": None, "offsets": {}, "writes": [], "evidence": None}
+    Returns {"send_dg_object", "sticky_field", "writes", "affected", "evidence"}."""
+    from ..glibc.analyzer import analyze_object
+    res = {"send_dg_object": None, "sticky_field": None, "writes": [], "affected": None,
+           "evidence": None}
     for soname, path in objects:
-        argv = [gdb, "-nx", "-batch", "-ex", "set pagination off", "-ex", "set width 0",
-                "-ex", f"set debug-file-directory {':'.join(debug_dirs)}", "-ex", f"file {path}",
-                "-ex", "info address send_dg", "-ex", "ptype/o struct __res_state",
-                "-ex", "disassemble send_dg"]
-        try:
-            p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            res["evidence"] = f"gdb failed: {e}"
+        a = analyze_object(path)
+        dbg = next((p for d in debug_dirs if a.get("build_id") for p in
+                    [os.path.join(d, ".build-id", a["build_id"][:2], a["build_id"][2:] + ".debug")]
+                    if os.path.exists(p)), None)
+        if dbg:
+            a = analyze_object(path, debug_file=dbg)
+        if not a.get("send_dg"):
             continue
-        out = p.stdout
-        if 'Symbol "send_dg" is a function' not in out:
-            continue
-        res["send_dg_object"] = soname
-        offs = parse_ptype_offsets(out)
-        res["offsets"] = {k: offs[k] for k in ("options", "_flags") if k in offs}
-        dis = out[out.find("Dump of assembler code"):]
-        writes = find_sticky_writes(dis)
-        res["writes"] = [w for _, w in writes]
-        fields = set()
-        for off, _ins in writes:
-            for name in ("options", "_flags"):
-                if offs.get(name) == off:
-                    fields.add(name)
-        if len(fields) == 1:
-            res["sticky_field"] = fields.pop()
-            res["evidence"] = (f"send_dg sets 0x{SNGLKUP:x} with `{writes[0][1]}`; "
-                               f"{res['sticky_field']} is at offset {offs[res['sticky_field']]} of struct __res_state")
-        else:
-            res["evidence"] = (f"send_dg in {soname}: sticky writes {[w for _, w in writes]} do not map to "
-                               f"exactly one of options/_flags (offsets {res['offsets']})")
+        w = [x for x in a["sticky_writers"] if x.get("in_send_dg") and x["bit"] == "RES_SNGLKUP"]
+        res.update(send_dg_object=soname, sticky_field=a["sticky_field"],
+                   writes=[x["insn"] for x in w], affected=a["fix_30081"]["affected"])
+        check = (a.get("dwarf_check") or {}).get("agrees")
+        res["evidence"] = (f"send_dg sets 0x{SNGLKUP:x} with `{w[0]['insn']}` at {w[0]['addr']:#x} "
+                           f"(disassembly{', agrees with DWARF' if check else ''}); "
+                           f"{a['sticky_field']} of struct __res_state")
         return res
-    if res["evidence"] is None:
-        res["evidence"] = "send_dg not found in " + ", ".join(s for s, _ in objects)
+    res["evidence"] = "send_dg not found in " + ", ".join(s for s, _ in objects)
     return res
 
 
