@@ -121,11 +121,15 @@ class ResolvStatus(ResolvCommand):
                         "nameservers": r["nameservers"], "resolver": r["resolver"],
                         "last_query": th.last_query if th else None,
                         "last_stall_ms": th.last_stall_ms if th else None,
-                        "error": r.get("error")})
+                        "provenance": r.get("prov"), "error": r.get("error")})
         if args.json:
             gdb.write(json.dumps(out, indent=1) + "\n")
             return
         gdb.write(render.status_table(out) + "\n")
+        mem = [o for o in out if o["provenance"] == "memory" and o["options"] is not None]
+        if mem:
+            gdb.write("(options/_flags of %d thread(s) read from /proc/%d/mem without debug "
+                      "symbols: provenance memory)\n" % (len(mem), _require_process().pid))
         bad = [o for o in out if o.get("error")]
         if bad:
             gdb.write("(%d thread(s) unreadable: %s — is the target's libthread_db loaded? "
@@ -138,9 +142,17 @@ class ResolvTrace(ResolvCommand):
     summary = ("Arm getaddrinfo -> _nss_dns_gethostbyname4_r -> __res_context_search -> "
                "__res_context_querydomain -> __res_context_query -> __res_context_send -> "
                "send_dg, and probes at send_dg's calls to poll/send/sendmmsg/recvfrom, after "
-               "them, and where the single-request flags are set. Found from symbols, "
-               "disassembly and DWARF. Without --step probes record and continue; with "
-               "--step gdb stops at every step and prints the dump.")
+               "them, and where the single-request flags are set. send_dg's probe points are "
+               "read from the machine code of the process's own libc/libresolv (no debug "
+               "symbols needed); DWARF, when loaded, adds locals and is cross-checked. Without "
+               "--step probes record and continue; with --step gdb stops at every step and "
+               "prints the dump.\n\n"
+               "SAFETY: this gdb session inserts breakpoints (int3) into the target. If gdb is "
+               "killed while they are inserted (SIGKILL, a crash, a dropped terminal), a thread "
+               "that reaches one dies of SIGTRAP, and with it the process. `resolv untrace` "
+               "and `detach` remove them. For a run that cannot harm the target however it "
+               "ends, use `gdbdiag attach PID` instead (kernel probes, the default batch "
+               "backend: no breakpoint in the target's code).")
     examples = ("  resolv trace\n  resolv trace --step\n  resolv trace --thread 2 "
                 "--names 'keydb-*'\n  continue")
 
@@ -219,7 +231,8 @@ def current_report(include_observations=True):
         for r in S.thread_states(None):
             det.feed(Event(t=time.time(), lwp=r["lwp"], kind=E.STATUS,
                            data={"options": r["options"], "flags": r["flags"],
-                                 "thread_name": r["name"]}, prov={"options": "dwarf"}))
+                                 "thread_name": r["name"]},
+                           prov={"options": r["prov"], "flags": r["prov"]}))
     build = sess.build if sess else {}
     glibc = glibc_facts(inf.pid, build)
     target = {"pid": inf.pid, "exe": _exe(inf.pid),
@@ -248,8 +261,10 @@ def symbols_facts():
 @command
 class ResolvProbes(ResolvCommand):
     name = "resolv probes"
-    summary = ("Where the probes go in send_dg (call sites, flag writes, returns), which "
-               "locals DWARF can read there, and the bug-30081 verdict from the code.")
+    summary = ("Where the probes go in send_dg (call sites, flag writes, returns), found in the "
+               "machine code of the process's own glibc (no debug symbols needed); the "
+               "bug-30081 verdict from that code; with DWARF also which locals it can read "
+               "there (--detail) and a cross-check of every probe point.")
 
     def options(self, p):
         p.add_argument("--json", action="store_true")
@@ -257,6 +272,7 @@ class ResolvProbes(ResolvCommand):
 
     def run(self, args):
         from . import analysis as A
+        _require_process()
         r = A.analyse(detail=args.detail)
         if args.json:
             gdb.write(json.dumps(r, indent=1, default=str) + "\n")

@@ -3,8 +3,11 @@
 Each probe reads the machine state at its PC and hands an :class:`Event` to the session
 (``session.observe``); in record mode ``stop()`` returns False and the target runs on, in
 step mode it returns True and the session prints the step's dump. No line numbers: the
-chain by symbol, send_dg's call sites / return sites / flag writes by disassembly
-(``analysis.analyse``), struct offsets and locals from DWARF.
+chain by symbol (getaddrinfo from the analyzer), send_dg's entry, call sites, return
+sites and sticky-bit writers from the machine code (``analysis.analyse``: gdbdiag.glibc's
+analyzer at the object's load bias), struct offsets from the ABI. Locals come from DWARF
+when gdb has it; without it from registers at the entry, and from what the probes of
+the same send_dg call saw for that thread (``session.saved(lwp)["dg"]``).
 """
 import time
 
@@ -15,14 +18,15 @@ from ..core.events import Event
 from ..core.flags import parse_dns_header, parse_question
 from . import target as T
 
-# The chain, outermost first: (symbol, event data read at entry by DWARF name)
+# The chain, outermost first: (symbol, event data read at entry: (key, DWARF name, the
+# register the x86-64 ABI passes that argument in, for when there is no DWARF))
 CHAIN = (
-    ("getaddrinfo", (("name", "name"),)),
-    ("_nss_dns_gethostbyname4_r", (("name", "name"),)),
-    ("__res_context_search", (("name", "name"), ("type", "type"))),
-    ("__res_context_querydomain", (("name", "name"), ("domain", "domain"))),
-    ("__res_context_query", (("name", "name"), ("type", "type"))),
-    ("__res_context_send", (("buflen", "buflen"), ("buflen2", "buflen2"))),
+    ("getaddrinfo", (("name", "name", "rdi"),)),
+    ("_nss_dns_gethostbyname4_r", (("name", "name", "rdi"),)),
+    ("__res_context_search", (("name", "name", "rsi"), ("type", "type", "rcx"))),
+    ("__res_context_querydomain", (("name", "name", "rsi"), ("domain", "domain", "rdx"))),
+    ("__res_context_query", (("name", "name", "rsi"), ("type", "type", "rcx"))),
+    ("__res_context_send", (("buflen", "buflen", "rdx"), ("buflen2", "buflen2", "r8"))),
 )
 CHAIN_NAMES = tuple(c[0] for c in CHAIN) + ("send_dg",)
 
@@ -76,23 +80,21 @@ def _query(addr, length):
 def read_chain(function, fields):
     def reader(probe):
         data, prov = {"function": function, "thread_name": T.thread_name()}, {"function": "probe"}
-        for key, var in fields:
-            v = T.read_var(var)
-            if v is None:
-                continue
+        for key, var, regname in fields:
+            v, src = T.read_var(var), "dwarf"
+            if v is None:                # no DWARF here: the ABI's argument register at entry
+                v, src = (T.reg(regname) if key in ("name", "domain") else T.sreg32(regname)), "register"
             if key in ("name", "domain"):
                 v = T.cstring(v)
             data[key] = v
-            prov[key] = "dwarf"
+            prov[key] = src
         if function == "getaddrinfo":
-            if "name" not in data:                       # no DWARF: the ABI's first argument
-                data["name"], prov["name"] = T.cstring(T.reg("rdi")), "register"
             # unwinding costs a millisecond: only where a stall can follow (a sticky
             # thread), or in full mode
             det = probe.session.detector
             th = det.threads.get(T.lwp()) if det else None
             if probe.session.full or (th is not None and th.sticky):
-                data["stack"] = T.app_stack()
+                data["stack"] = T.app_stack(namer=probe.session.pc_name)
                 prov["stack"] = "memory"
             return _ev(E.GAI_ENTER, data, prov)
         return _ev(E.CHAIN, data, prov)
@@ -121,6 +123,9 @@ def read_send_dg_enter(offsets):
                 "q2": _query(vals["buf2"], vals["buflen2"]) if vals["buf2"] else None}
         prov.update({"options": "memory", "flags": "memory", "retrans": "memory",
                      "q1": "memory", "q2": "memory"})
+        # this call's bookkeeping for the probes that follow in it (no DWARF there)
+        probe.session.saved(T.lwp())["dg"] = {"statp": statp, "q1": data["q1"], "q2": data["q2"],
+                                               "prov": prov["statp"], "answers": []}
         return _ev(E.SEND_DG_ENTER, data, prov)
     return reader
 
@@ -135,9 +140,9 @@ def read_poll_call(site, with_stack=False):
         data = {"function": "poll", "site": site, "fd": fd, "events": events,
                 "nfds": T.sreg32("rsi"), "timeout_ms": T.sreg32("rdx"), "pfd": pfd}
         prov = {"fd": "memory", "events": "memory", "nfds": "register",
-                "timeout_ms": "register", "pfd": "register", "site": "probe"}
+                "timeout_ms": "register", "pfd": "register", "site": "disassembly"}
         if with_stack:               # lean: no getaddrinfo probe; the stack from here
-            data["stack"], prov["stack"] = T.app_stack(24), "memory"
+            data["stack"], prov["stack"] = T.app_stack(24, probe.session.pc_name), "memory"
         return _ev(E.POLL_ENTER, data, prov)
     return reader
 
@@ -187,17 +192,37 @@ def read_recvfrom_call(probe):
 
 
 def read_recvfrom_return(probe):
-    buf = probe.session.saved(T.lwp()).pop("recv_buf", None)
+    saved = probe.session.saved(T.lwp())
+    buf = saved.pop("recv_buf", None)
     n = T.sreg64("rax")
     data, prov = {"function": "recvfrom", "n": n}, {"n": "register"}
     if buf and n >= 12:
         hdr = parse_dns_header(T.mem(buf, 12))
         for k in ("id", "rcode", "qdcount", "ancount", "tc"):
             data[k], prov[k] = hdr[k], "memory"
+        if saved.get("dg") is not None:          # this send_dg call's answers, in order
+            saved["dg"]["answers"].append({k: data[k] for k in ("id", "rcode", "qdcount")})
     return _ev(E.RECVFROM_RETURN, data, prov)
 
 
-def read_flag_write(write, offsets, homes=None):
+def answered(dg, accepts_header_only=False):
+    """(recvresp1, recvresp2) of send_dg's current call, replayed from the answers its
+    recvfrom returned (send_dg's own rule: the first query's id sets recvresp1 once,
+    another matching answer recvresp2; recvresp2 starts at 1 without a second query).
+    Header-only answers (qdcount 0) do not count before bug 31890's fix."""
+    q1, q2 = dg.get("q1") or {}, dg.get("q2") or {}
+    r1, r2 = 0, 0 if dg.get("q2") else 1
+    for a in dg.get("answers", []):
+        if a.get("qdcount") == 0 and not accepts_header_only:
+            continue
+        if not r1 and a.get("id") == q1.get("id"):
+            r1 = 1
+        elif dg.get("q2") and a.get("id") == q2.get("id"):
+            r2 = 1
+    return r1, r2
+
+
+def read_flag_write(write, offsets, homes=None, dwarf=True):
     field_off = offsets[write["field"]]
     bit = 0x00200000 if write["flag"].endswith("SNGLKUP") else 0x00400000
     basereg = write["base_reg"].lstrip("%")
@@ -208,22 +233,40 @@ def read_flag_write(write, offsets, homes=None):
         before = (T.u64 if write["field"] == "options" else T.u32)(statp + field_off)
         data = {"function": "send_dg", "field": write["field"], "bit": write["flag"],
                 "before": before, "value": before | bit, "statp": statp}
-        prov = {"field": "probe", "bit": "probe", "before": "memory", "value": "inferred",
-                "statp": "register"}
+        prov = {"field": "disassembly", "bit": "disassembly", "before": "memory",
+                "value": "inferred", "statp": "register"}
         # the queries of this send_dg call (DWARF has buf/buf2 at every PC) and which
         # answer had come: recvresp1/2 are <optimized out>; their home slots are an
         # inference from the location lists, and labelled so
-        b, bl, b2, bl2 = (T.read_param_at_entry(v) for v in ("buf", "buflen", "buf2", "buflen2"))
-        if b and bl:
-            data["q1"], prov["q1"] = _query(b, bl), "dwarf"
-            if b2 and bl2:
-                data["q2"], prov["q2"] = _query(b2, bl2), "dwarf"
-        for var in ("recvresp1", "recvresp2"):
-            home = homes.get(var)
-            if home and home[0] == "slot":
-                data[var], prov[var] = T.i32(T.reg("rsp") + home[1]), "inferred"
+        if dwarf:
+            b, bl, b2, bl2 = (T.read_param_at_entry(v) for v in ("buf", "buflen", "buf2", "buflen2"))
+            if b and bl:
+                data["q1"], prov["q1"] = _query(b, bl), "dwarf"
+                if b2 and bl2:
+                    data["q2"], prov["q2"] = _query(b2, bl2), "dwarf"
+            for var in ("recvresp1", "recvresp2"):
+                home = homes.get(var)
+                if home and home[0] == "slot":
+                    data[var], prov[var] = T.i32(T.reg("rsp") + home[1]), "inferred"
+        _from_call_state(probe.session, data, prov)
         return _ev(E.FLAG_WRITE, data, prov)
     return reader
+
+
+def _from_call_state(session, data, prov):
+    """Without DWARF: the queries as send_dg's entry probe read them for this thread
+    (registers -> memory), and recvresp1/2 replayed from this call's recvfrom returns."""
+    dg = session.saved(T.lwp()).get("dg")
+    if dg is None:
+        return
+    if "q1" not in data and dg.get("q1"):
+        data["q1"], prov["q1"] = dg["q1"], "memory"
+        if dg.get("q2"):
+            data["q2"], prov["q2"] = dg["q2"], "memory"
+    if "recvresp1" not in data and "recvresp2" not in data:
+        hdr_only = bool(session.build.get("bug31890_fixed"))
+        data["recvresp1"], data["recvresp2"] = answered(dg, hdr_only)
+        prov["recvresp1"] = prov["recvresp2"] = "inferred"
 
 
 def read_send_dg_return(probe):
@@ -247,9 +290,13 @@ def chain_addresses(name):
     return [int(v.cast(gdb.lookup_type("unsigned long")))]
 
 
-def thread_is_sticky(offsets) -> bool:
-    """The selected thread's statp has a single-request bit (options or _flags)."""
-    statp = T.read_var("statp")
+def thread_is_sticky(session) -> bool:
+    """The selected thread's statp has a single-request bit (options or _flags). statp by
+    DWARF, else as send_dg's entry probe saw it for this thread in this call."""
+    offsets = session.offsets
+    statp = T.read_var("statp") if session.dwarf else None
+    if not statp:
+        statp = (session.saved(T.lwp()).get("dg") or {}).get("statp")
     if not statp:
         return True                      # cannot tell here: let the probe record it
     opts = T.u64(statp + offsets["options"])
@@ -262,12 +309,33 @@ class StickyProbe(Probe):
 
     def stop(self):
         try:
-            if not thread_is_sticky(self.session.offsets):
+            if not thread_is_sticky(self.session):
                 return False
         except Exception as exc:
             self.session.probe_error(self, exc)
             return False
         return super().stop()
+
+
+class WatchProbe(Probe):
+    """No DWARF: send_dg's entry and recvfrom, watched on every lookup from the start for
+    bookkeeping only (the reader saves this call's queries and answers per thread, so the
+    sticky-bit writer can name the lost query). Reported once the session follows sticky
+    threads, and then only for sticky threads (or in full mode, for all)."""
+
+    def stop(self):
+        self.hits_seen += 1
+        try:
+            ev = self.reader(self)
+            if ev is None or not self.session.escalated:
+                return False
+            if not self.session.full and not thread_is_sticky(self.session):
+                return False
+        except Exception as exc:   # a probe must never break the target's run
+            self.session.probe_error(self, exc)
+            return False
+        ev.pc = self.pc
+        return self.session.observe(ev, self)
 
 
 def arm(session, analysis, offsets, thread=None, chain=True, lean=False, part="all"):
@@ -278,35 +346,38 @@ def arm(session, analysis, offsets, thread=None, chain=True, lean=False, part="a
       lookup of every thread stops at each (``--step``, ``--full``);
     - "watch": what must be watched while no thread is sticky: the instructions that
       set the sticky bit (they fire once, at the switch) and, unless lean, getaddrinfo's
-      entry (one stop per lookup: the name and the application stack);
+      entry (one stop per lookup: the name and the application stack). Without DWARF
+      also send_dg's entry and its recvfrom call and return (WatchProbe: bookkeeping of
+      this call's queries and answers, so the switch names the lost query);
     - "sticky": armed by the session once a thread is or becomes sticky: send_dg's
       probes, which report only for sticky threads (others pass after a two-word
       read), and, unless lean, the rest of the chain. Lean leaves out the chain, the
       POLLOUT check poll and send_dg's returns; its stack is read at the poll.
     """
     probes = []
+    dwarf = session.dwarf
 
     def add(pc, kind, reader, label, klass=Probe):
         probes.append(klass(session, pc, kind, reader, label, thread))
 
     if part in ("all", "watch"):
         for w in analysis["flag_writes"]:
-            add(w["pc"], E.FLAG_WRITE, read_flag_write(w, offsets, analysis.get("home_locations")),
+            add(w["pc"], E.FLAG_WRITE, read_flag_write(w, offsets, analysis.get("home_locations"), dwarf),
                 "send_dg: statp->%s |= %s" % (w["field"], w["flag"]))
     if chain and not lean:
-        for name, fields in CHAIN:
-            if (part == "watch") != (name == "getaddrinfo") and part != "all":
-                continue
-            for pc in chain_addresses(name):
-                add(pc, E.CHAIN, read_chain(name, fields), name)
-    if part == "watch":
-        return probes
+        _arm_chain(add, analysis, part)
     cls = Probe if part == "all" else StickyProbe
-    add(analysis["entry"], E.SEND_DG_ENTER, read_send_dg_enter(offsets), "send_dg", cls)
+    watched = part != "all" and not dwarf        # entry and recvfrom: WatchProbes
+    if part == "watch":
+        if watched:
+            _arm_entry_and_recvfrom(add, analysis, offsets, WatchProbe)
+        return probes
+    if not watched:
+        _arm_entry_and_recvfrom(add, analysis, offsets, cls)
     for c in analysis["calls"]:
         k = c["kind"]
         if k == "poll":
-            site = "wait" if c.get("timeout_arg") != "0" else "check"
+            site = c.get("site") or ("wait" if c.get("timeout_arg") != "0" else "check")
             if lean and site == "check":
                 continue
             add(c["pc"], E.POLL_ENTER, read_poll_call(site, with_stack=lean or part == "sticky"),
@@ -317,10 +388,30 @@ def arm(session, analysis, offsets, thread=None, chain=True, lean=False, part="a
         elif k == "send":
             add(c["pc"], "send_call", read_send_call, "send_dg:send", cls)
             add(c["ret_pc"], E.SEND_RETURN, read_send_return, "send_dg:send returned", cls)
-        elif k == "recvfrom":
-            add(c["pc"], "recvfrom_call", read_recvfrom_call, "send_dg:recvfrom", cls)
-            add(c["ret_pc"], E.RECVFROM_RETURN, read_recvfrom_return, "send_dg:recvfrom returned", cls)
     if not lean:
         for pc in analysis.get("returns", []):
             add(pc, E.SEND_DG_RETURN, read_send_dg_return, "send_dg returns", cls)
     return probes
+
+
+def _arm_entry_and_recvfrom(add, analysis, offsets, cls):
+    add(analysis["entry"], E.SEND_DG_ENTER, read_send_dg_enter(offsets), "send_dg", cls)
+    for c in analysis["calls"]:
+        if c["kind"] == "recvfrom":
+            add(c["pc"], "recvfrom_call", read_recvfrom_call, "send_dg:recvfrom", cls)
+            add(c["ret_pc"], E.RECVFROM_RETURN, read_recvfrom_return, "send_dg:recvfrom returned", cls)
+
+
+def _arm_chain(add, analysis, part):
+    """getaddrinfo in the watch set (at the analyzer's address: libc's .dynsym, no debug
+    symbols needed), the rest of the chain in the sticky set (by gdb's symbols: functions
+    gdb cannot resolve are left out)."""
+    for name, fields in CHAIN:
+        if part != "all" and (part == "watch") != (name == "getaddrinfo"):
+            continue
+        if name == "getaddrinfo" and analysis.get("getaddrinfo"):
+            pcs = [analysis["getaddrinfo"]["pc"]]
+        else:
+            pcs = chain_addresses(name)
+        for pc in pcs:
+            add(pc, E.CHAIN, read_chain(name, fields), name)

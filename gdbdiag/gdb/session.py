@@ -38,6 +38,7 @@ class TraceSession:
         self.probes = []
         self.analysis = None
         self.offsets = None
+        self.dwarf = False          # gdb has DWARF for send_dg (enrichment only)
         self.build = {}
         self.detector = None
         self.errors = []
@@ -68,27 +69,33 @@ class TraceSession:
                      "lookup): probes will be armed when it is")
 
     def _on_new_objfile(self, event):
+        """A new object: arm once it is send_dg's (libresolv, seen in the process's maps;
+        not by gdb's symbols). The objfile event of a library comes after gdb has read
+        its separate debug file, so DWARF enrichment is there if gdb has it."""
         try:
+            obj = event.new_objfile
+            if obj.owner is not None or T.role_of(obj.filename) is None:
+                return                      # a separate debug file, or not glibc's
             if self.try_arm():
                 gdb.events.new_objfile.disconnect(self._objfile_hook)
                 self._objfile_hook = None
         except Exception as exc:            # never let an event handler break gdb
             self.errors.append("arming on load: %s" % exc)
+            self.say("gdbdiag: cannot arm on load of %s: %s" % (
+                getattr(event.new_objfile, "filename", "?"), exc))
 
     def try_arm(self):
+        """Analyze send_dg's object and arm; False while it is not mapped yet."""
         if self.probes:
             return True
         try:
-            sym = gdb.lookup_static_symbol("send_dg")
-        except gdb.error:
-            sym = None
-        if sym is None:
+            self.analysis = A.analyse()
+        except A.NotLoaded:
             return False
-        self.analysis = A.analyse()
-        self.offsets = A.struct_offsets("struct __res_state",
-                                        ("options", "_flags", "retrans", "retry", "nscount", "pfcode"))
+        self.offsets = self.analysis["offsets"]
+        self.dwarf = bool(self.analysis["dwarf"]["available"])
         self.build = build_facts(self.analysis)
-        if self.want_source:
+        if self.want_source and self.dwarf:      # lines come from DWARF's line table
             self._load_source()
         self.detector = Detector(accepts_header_only=self.build["bug31890_fixed"],
                                  resolv_conf_single_request=resolv_conf_single_request(),
@@ -106,7 +113,17 @@ class TraceSession:
         self.escalated = self.full
         self.armed_at = time.time()
         self.write_armed_file()
-        # threads already sticky before this trace
+        self._seed_thread_states()
+        if not self.full and any(t.sticky for t in self.detector.threads.values()):
+            self.escalate()
+        self.say(self._armed_line())
+        for c in A.disagreements(self.analysis):
+            self.say("gdbdiag: analyzer and %s DISAGREE on %s: analyzer %s, gdb %s (probes use "
+                     "the analyzer's)" % (c["source"], c["what"], c["analyzer"], c["gdb"]))
+        return True
+
+    def _seed_thread_states(self):
+        """Threads already sticky before this trace."""
         for row in thread_states(self.offsets):
             ev = Event(t=time.time(), lwp=row["lwp"], kind=E.STATUS,
                        data={"options": row["options"], "flags": row["flags"],
@@ -116,15 +133,21 @@ class TraceSession:
             for f in self.detector.findings[-1:]:
                 if f.kind == E.STICKY_ENGAGED and f.lwp == row["lwp"] and f.t == ev.t:
                     self.say(render.finding_line(f, self.t0, row["name"]))
-        if not self.full and any(t.sticky for t in self.detector.threads.values()):
-            self.escalate()
+
+    def _armed_line(self):
         mode = "full" if self.full else ("lean" if self.lean else "armed")
-        self.say("armed %d probes (%s mode%s) for send_dg in %s; bug 30081 in this build: %s "
-                 "(from the code); sticky bit in %s"
-                 % (len(self.probes), mode, "" if self.full or self.escalated else
-                    ": watching the sticky-bit writes, send_dg's probes follow sticky threads",
-                    self.analysis.get("objfile"), self.build["bug30081"], self.build["sticky_field"]))
-        return True
+        waiting = not (self.full or self.escalated)
+        line = ("armed %d probes (%s mode%s) for send_dg in %s; bug 30081 in this build: %s "
+                "(from the code); sticky bit in %s"
+                % (len(self.probes), mode, ": watching the sticky-bit writes, send_dg's probes "
+                   "follow sticky threads" if waiting else "", self.analysis.get("objfile"),
+                   self.build["bug30081"], self.build["sticky_field"]))
+        if self.dwarf:
+            return line + "; probe points from send_dg's machine code, DWARF for enrichment"
+        return line + ("; no debug symbols: probe points from send_dg's machine code%s" % (
+            ", and send_dg's entry and its recvfrom call/return are watched on every lookup "
+            "too (bookkeeping, so the lost query is named at the switch)" if waiting and
+            not self.full else ""))
 
     def _load_source(self):
         """Debian's glibc source for this very build (cache first; fetched and verified
@@ -225,6 +248,13 @@ class TraceSession:
         return n
 
     # -- probes call these -----------------------------------------------------------
+    def pc_name(self, pc):
+        """'send_dg' for a PC in its ranges (the analyzer's), for stacks without symbols."""
+        for lo, hi in (self.analysis or {}).get("ranges", ()):
+            if lo <= pc < hi:
+                return "send_dg"
+        return None
+
     def saved(self, lwp):
         return self._saved.setdefault(lwp, {})
 
@@ -289,9 +319,10 @@ class TraceSession:
 
 def build_facts(analysis) -> dict:
     fields = analysis.get("flag_field") or []
+    locals31890 = analysis.get("bug31890_locals")       # None: no DWARF, cannot tell
     return {"bug30081": analysis.get("bug30081"),
             "affected_30081": {"affected": True, "fixed": False}.get(analysis.get("bug30081")),
-            "bug31890_fixed": bool(analysis.get("bug31890_locals")),
+            "bug31890_fixed": bool(locals31890) if locals31890 is not None else None,
             "sticky_field": fields[0] if len(fields) == 1 else ("/".join(fields) or None),
             "send_dg_object": analysis.get("objfile")}
 
@@ -311,11 +342,39 @@ def resolv_conf_single_request():
     return False
 
 
-def thread_states(offsets) -> list:
+def thread_states(offsets=None) -> list:
     """Each thread's _res: options, _flags, nameservers, timeout/attempts/ndots.
 
-    Through ``__resp`` (the thread's resolver state; needs the target's libthread_db for
-    TLS). Threads whose state cannot be read are listed with ``options`` None."""
+    Through ``__resp`` (the thread's resolver state; needs DWARF and the target's
+    libthread_db for TLS): provenance ``dwarf``. Threads gdb cannot read so are read
+    from /proc/PID/mem without symbols (gdbdiag.passive: glibc's thread list, the
+    ``__resp`` TLS slot, ABI offsets): options/_flags only, provenance ``memory``.
+    Threads neither can read are listed with ``options`` None and an ``error``."""
+    rows = _states_by_dwarf()
+    if any(r["options"] is None for r in rows):
+        _states_from_memory(rows)
+    return rows
+
+
+def _states_from_memory(rows):
+    from ..passive import PassiveSampler
+    try:
+        with PassiveSampler(gdb.selected_inferior().pid) as sampler:
+            got = {s.tid: s for s in sampler.sample()}
+    except Exception as exc:          # status must still list the threads
+        for r in rows:
+            if r["options"] is None:
+                r["error"] = "%s; from memory: %s" % (r.get("error") or "no DWARF", exc)
+        return
+    for r in rows:
+        s = got.get(r["lwp"])
+        if r["options"] is not None or s is None or s.options is None:
+            continue
+        r.update(options=s.options, flags=s.flags, resp=s.resp, prov="memory")
+        r["dwarf_error"] = r.pop("error", None)
+
+
+def _states_by_dwarf() -> list:
     rows = []
     inf = gdb.selected_inferior()
     orig = gdb.selected_thread()

@@ -3,6 +3,8 @@
 Everything returns ``(value, provenance)`` or plain values with the caller labelling
 them; nothing here writes to the target.
 """
+import os
+import re
 import struct
 
 import gdb
@@ -92,15 +94,17 @@ def read_param_at_entry(name: str):
         return read_var(name)
 
 
-def app_stack(limit: int = 16) -> list:
-    """Function names from the selected frame outwards (the application stack)."""
+def app_stack(limit: int = 16, namer=None) -> list:
+    """Function names from the selected frame outwards (the application stack).
+    ``namer(pc)`` names frames gdb has no symbol for (send_dg, from its machine code)."""
     out = []
     f = gdb.selected_frame()
     while f is not None and len(out) < limit:
         name = f.name()
         if name is None:
             try:
-                name = "0x%x" % f.pc()
+                pc = f.pc()
+                name = (namer(pc) if namer else None) or "0x%x" % pc
             except gdb.error:
                 name = "??"
         out.append(name)
@@ -114,3 +118,70 @@ def app_stack(limit: int = 16) -> list:
 def field_offsets(type_name: str, names) -> dict:
     t = gdb.lookup_type(type_name)
     return {f.name: f.bitpos // 8 for f in t.fields() if f.name in names}
+
+
+# -- the target's glibc objects, from /proc/PID/maps (no symbols) -----------------------
+OBJECT_RE = {
+    "libc": re.compile(r"^libc(?:-\d[\d.]*)?\.so(?:\.6)?$"),
+    "libresolv": re.compile(r"^libresolv(?:-\d[\d.]*)?\.so(?:\.2)?$"),
+}
+
+
+def role_of(path: str):
+    """'libc' / 'libresolv' for a path (or gdb objfile name, 'target:' or not), else None."""
+    base = os.path.basename(path.removesuffix(" (deleted)"))
+    for role, rx in OBJECT_RE.items():
+        if rx.match(base):
+            return role
+    return None
+
+
+def _maps_lines(pid: int):
+    with open("/proc/%d/maps" % pid) as fh:
+        for line in fh:
+            parts = line.rstrip("\n").split(None, 5)
+            if len(parts) == 6 and parts[5].startswith("/"):
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                yield {"start": lo, "end": hi, "offset": int(parts[2], 16),
+                       "inode": int(parts[4]), "path": parts[5], "range": parts[0]}
+
+
+def _host_path(pid: int, m: dict) -> str:
+    """The mapped file as this (host) process reaches it: /proc/PID/root + the maps path,
+    if that is the very inode mapped (for a chroot, maps paths carry the chroot's
+    prefix: it is stripped); else the kernel's /proc/PID/map_files link."""
+    root = "/proc/%d/root" % pid
+    path = m["path"].removesuffix(" (deleted)")
+    cands = [root + path]
+    try:
+        prefix = os.readlink(root).rstrip("/")
+    except OSError:
+        prefix = ""
+    if prefix and path.startswith(prefix + "/"):
+        cands.append(root + path[len(prefix):])
+    for c in cands:
+        try:
+            if os.stat(c).st_ino == m["inode"]:
+                return c
+        except OSError:
+            continue
+    return "/proc/%d/map_files/%s" % (pid, m["range"])
+
+
+def mapped_objects(pid: int) -> dict:
+    """{"libc"|"libresolv": {path, host, bias, range}} for the objects mapped in process
+    ``pid``. ``bias`` is where the object was loaded: the start of its mapping at file
+    offset 0 (shared objects are linked at 0, so run-time address = bias + link-time
+    address). Read from /proc/PID/maps, independent of what gdb has loaded."""
+    out = {}
+    for m in _maps_lines(pid):
+        role = role_of(m["path"])
+        if role is None or m["offset"] != 0:
+            continue
+        if role in out and out[role]["bias"] <= m["start"]:
+            continue
+        out[role] = {"path": m["path"].removesuffix(" (deleted)"), "bias": m["start"],
+                     "range": m["range"], "inode": m["inode"]}
+    for role, o in out.items():
+        o["host"] = _host_path(pid, o)
+    return out
