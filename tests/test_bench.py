@@ -17,17 +17,18 @@ def test_bench_runs_and_reports_every_figure(tmp_path):
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(out.read_text())
-    for key in ("overhead_ratio_armed", "overhead_ratio_lean", "overhead_ratio_passive",
-                "overhead_ratio_strace", "overhead_ratio_ebpf", "attach_to_armed_warm_s",
-                "attach_to_armed_cold_s", "sticky_report_delay_ms", "doomed_poll_report_lead_ms"):
+    modes = ("uprobe-armed", "uprobe-lean", "uprobe-full", "passive", "strace", "ebpf")
+    for key in [f"overhead_ratio_{m}" for m in modes] + [
+            "attach_to_armed_warm_s", "attach_to_armed_cold_s", "sticky_report_delay_ms",
+            "doomed_poll_report_lead_ms"]:
         assert key in res, key
-    for m in ("armed", "lean", "passive", "strace", "ebpf"):
+    for m in modes:
         ratio = res[f"overhead_ratio_{m}"]
         assert ratio is not None and 0.3 < ratio < 100, (m, ratio)
-        assert res["latency"][m]["n"] > 0
+        assert res["latency"][m]["n"] > 0 and res["latency"][m]["rate_ratio"] > 0
     assert all(v["gets_per_s"] > 0 for v in res["throughput"].values())
     assert 0 < res["attach_to_armed_warm_s"] < 120 and 0 < res["attach_to_armed_cold_s"] < 600
-    for mode in ("armed", "lean", "passive"):
+    for mode in ("uprobe-armed", "uprobe-lean", "passive"):
         # the loss is noticed by glibc only after its timeout: the report follows that
         assert res["sticky_report_delay_ms"][mode] is not None and res["sticky_report_delay_ms"][mode] > 4000
         lead = res["doomed_poll_report_lead_ms"][mode]
