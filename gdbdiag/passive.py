@@ -47,7 +47,6 @@ from typing import Callable
 
 from elftools.common.exceptions import DWARFError, ELFError
 from elftools.elf.elffile import ELFFile
-from elftools.elf.relocation import RelocationSection
 
 from .glibc.elfscan import tpoff_relocs
 

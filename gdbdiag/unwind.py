@@ -30,6 +30,7 @@ from elftools.dwarf.callframe import FDE, CallFrameInfo
 from elftools.dwarf.structs import DWARFStructs
 from elftools.elf.elffile import ELFFile
 
+from .glibc.elfscan import leb128
 from .passive import PassiveError, ProcMem
 from .symbols.elfinfo import read_build_id
 
@@ -326,20 +327,6 @@ def _open_obj(pid: int, m: _Map, mem) -> _Obj | None:
 
 
 # --- DWARF expressions (CFA / register rules) ---
-def _leb(b: bytes, i: int, signed: bool) -> tuple[int, int]:
-    v = shift = 0
-    while True:
-        byte = b[i]
-        i += 1
-        v |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            break
-    if signed and byte & 0x40:
-        v -= 1 << shift
-    return v, i
-
-
 def _s64(v: int) -> int:
     v &= M64
     return v - (1 << 64) if v >> 63 else v
@@ -374,8 +361,8 @@ def _eval_expr(expr, regs: dict, mem, push: int | None = None) -> int | None:
             elif 0x70 <= op <= 0x8F or op == 0x92:       # DW_OP_breg0..31, bregx
                 reg = op - 0x70
                 if op == 0x92:
-                    reg, i = _leb(b, i, False)
-                off, i = _leb(b, i, True)
+                    reg, i = leb128(b, i, False)
+                off, i = leb128(b, i, True)
                 if regs.get(reg) is None:
                     return None
                 st.append((regs[reg] + off) & M64)
@@ -383,7 +370,7 @@ def _eval_expr(expr, regs: dict, mem, push: int | None = None) -> int | None:
                 st.append(struct.unpack_from(_CONSTS[op], b, i)[0] & M64)
                 i += struct.calcsize(_CONSTS[op])
             elif op in (0x10, 0x11, 0x23):               # constu, consts, plus_uconst
-                v, i = _leb(b, i, op == 0x11)
+                v, i = leb128(b, i, op == 0x11)
                 st.append((st.pop() + v if op == 0x23 else v) & M64)
             elif op in _BINOPS:
                 rhs, lhs = st.pop(), st.pop()

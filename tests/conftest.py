@@ -31,7 +31,6 @@ def tracer_of(pid: int) -> int:
 def gdb_attach():
     """Attach an interactive gdb (pexpect) with the plugin and the target's own verified
     symbols; always untrace + detach + quit at teardown, then check nothing is left."""
-    from gdbdiag.codecheck import diff_code
     from gdbdiag.gdbdrive import Gdb, setup_commands
 
     sessions = []
@@ -44,10 +43,16 @@ def gdb_attach():
         return g
 
     yield attach
+    release_gdb_sessions(sessions)
+
+
+def release_gdb_sessions(sessions, code=("libc", "libresolv", "libnss_dns")):
+    """Close every (Gdb, pid); each target must end untraced with its code as on disk."""
+    from gdbdiag.codecheck import diff_code
     for g, pid in sessions:
         g.close()
         deadline = time.monotonic() + 5
         while tracer_of(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert tracer_of(pid) == 0, "gdb left the target traced"
-        assert diff_code(pid, ("libc", "libresolv", "libnss_dns")) == [], "code bytes changed"
+        assert diff_code(pid, code) == [], "code bytes changed"

@@ -105,9 +105,7 @@ def lab_roots():
 @pytest.mark.parametrize("rel", list(LAB))
 def test_lab_rootfs_probe_set(rel, lab_roots, tmp_path):
     exp = LAB[rel]
-    t0 = time.perf_counter()
     res = analyze_target(lab_roots[rel], LIBC, LIBRESOLV, cache_dir=str(tmp_path))
-    wall = time.perf_counter() - t0
     assert res["send_dg_object"] == exp["object"], res["unknown_reason"]
     obj = res[exp["object"]]
     assert obj["provenance"] == "disassembly" and obj["cached"] is False and obj["has_send_dg"]

@@ -21,7 +21,7 @@ from gdbdiag.codecheck import diff_code
 from gdbdiag.gdbdrive import Gdb
 from gdbdiag.symbols import gdbload, identify
 
-from conftest import findings, tracer_of
+from conftest import findings, release_gdb_sessions
 from test_plugin import report, wait_findings
 
 pytestmark = pytest.mark.lab
@@ -49,13 +49,7 @@ def gdb_nosym(tmp_path):
         return g
 
     yield attach
-    for g, pid in sessions:
-        g.close()
-        deadline = time.monotonic() + 5
-        while tracer_of(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert tracer_of(pid) == 0, "gdb left the target traced"
-        assert diff_code(pid, CODE) == [], "code bytes changed"
+    release_gdb_sessions(sessions, CODE)
 
 
 def _row(status: str, lwp: int) -> str:

@@ -49,7 +49,8 @@ class Reloc:
     addend: int
 
 
-def _uleb(b: bytes, i: int) -> tuple[int, int]:
+def leb128(b: bytes, i: int, signed: bool = False) -> tuple[int, int]:
+    """A (U|S)LEB128 number at ``b[i]``: (value, index after it)."""
     v = shift = 0
     while True:
         c = b[i]
@@ -57,18 +58,15 @@ def _uleb(b: bytes, i: int) -> tuple[int, int]:
         v |= (c & 0x7F) << shift
         shift += 7
         if c < 0x80:
-            return v, i
+            return (v - (1 << shift) if signed and c & 0x40 else v), i
+
+
+def _uleb(b: bytes, i: int) -> tuple[int, int]:
+    return leb128(b, i)
 
 
 def _sleb(b: bytes, i: int) -> tuple[int, int]:
-    v = shift = 0
-    while True:
-        c = b[i]
-        i += 1
-        v |= (c & 0x7F) << shift
-        shift += 7
-        if c < 0x80:
-            return (v - (1 << shift) if c & 0x40 else v), i
+    return leb128(b, i, True)
 
 
 class ElfImage:

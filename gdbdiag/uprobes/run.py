@@ -35,7 +35,7 @@ class UprobeRun:
         self.step_log = open(step_log, "a") if step_log else None
         self.workdir = workdir
         self.det: Detector | None = None
-        self.owner: Owner | None = None
+        self.owner: Probes | None = None
         self.analysis: dict = {}
         self.observations: collections.deque = collections.deque(maxlen=KEEP_OBSERVATIONS)
         self.kinds: set[str] = set()
