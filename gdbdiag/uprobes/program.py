@@ -43,7 +43,7 @@ HDR = 16             # u32 probe id, u32 tid, u64 CLOCK_MONOTONIC ns
 STICKY_MASK = 0x600000
 (SLOT_DETAIL, SLOT_BUF1, SLOT_BUF2, SLOT_PFD, SLOT_SEND, SLOT_RECV, SLOT_ANS,
  SLOT_STATP) = range(8)
-ENTER_SIZE = HDR + 40 + 2 * QLEN
+ENTER_SIZE = HDR + 56 + 2 * QLEN
 WRITE_SIZE = HDR + 48 + 2 * QLEN
 NR_POLL, NR_SENDTO, NR_RECVFROM, NR_SENDMMSG = 7, 44, 45, 307       # x86-64
 POLL_REGS = ("rdi", "rdx", "rsp", "rbp", "rbx", "r12", "r13", "r14", "r15", "rip")
@@ -250,8 +250,10 @@ def _enter(g: Gen, plan: Plan, rid: int, full: bool):
     g.reserve(ENTER_SIZE, rid)
     for i, at in enumerate((-40, -48, -56, -24, -32)):
         g.copy(HDR + 8 * i, at)
-    g.user(HDR + 40, QLEN, -48, rec=True)
-    g.user(HDR + 40 + QLEN, QLEN, -56, rec=True)
+    g.reg("rdx", HDR + 40, rec=True)                      # buflen
+    g.reg("r8", HDR + 48, rec=True)                       # buflen2
+    g.user(HDR + 56, QLEN, -48, rec=True)
+    g.user(HDR + 56 + QLEN, QLEN, -56, rec=True)
     g.submit()
 
 

@@ -7,6 +7,7 @@ provenance ``register`` or ``memory``, exactly as for the gdb probes.
 """
 from __future__ import annotations
 
+import functools
 import struct
 
 from ..core import events as E
@@ -19,18 +20,33 @@ class RecordError(ValueError):
     pass
 
 
-def _query(raw: bytes, present: bool = True) -> dict | None:
-    if not present:
-        return None
-    hdr = parse_dns_header(raw)
-    if hdr is None:
-        return None
-    qname, qtype = parse_question(raw)
-    return {"id": hdr["id"], "qname": qname, "qtype": qtype}
+@functools.lru_cache(maxsize=4096)
+def _question(packet: bytes) -> tuple[str | None, str | None]:
+    """(qname, qtype) of a query packet whose id bytes are zeroed: the same few names
+    are asked again and again, so dnslib parses each once."""
+    return parse_question(packet)
 
 
-def _queries(rec: bytes, at: int, buf2: int):
-    return _query(rec[at:at + QLEN]), _query(rec[at + QLEN:at + 2 * QLEN], present=buf2 != 0)
+@functools.lru_cache(maxsize=1024)
+def _header(raw12: bytes) -> tuple:
+    h = parse_dns_header(raw12)
+    return tuple(h[k] for k in HEADER_KEYS)
+
+
+HEADER_KEYS = ("rcode", "qdcount", "ancount", "tc")
+
+
+def _query(raw: bytes, length: int | None = None, present: bool = True) -> dict | None:
+    if not present or len(raw) < 12:
+        return None
+    n = length if length and 12 <= length <= len(raw) else len(raw)
+    qname, qtype = _question(b"\0\0" + raw[2:n])
+    return {"id": struct.unpack_from(">H", raw)[0], "qname": qname, "qtype": qtype}
+
+
+def _queries(rec: bytes, at: int, buf2: int, len1: int | None = None, len2: int | None = None):
+    return (_query(rec[at:at + QLEN], len1),
+            _query(rec[at + QLEN:at + 2 * QLEN], len2, present=buf2 != 0))
 
 
 class Decoder:
@@ -74,8 +90,8 @@ class Decoder:
             {"ret": "register"}
 
     def _enter(self, meta, rec):
-        statp, buf, buf2, options, flags = struct.unpack_from("<QQQQQ", rec, HDR)
-        q1, q2 = _queries(rec, HDR + 40, buf2)
+        statp, buf, buf2, options, flags, len1, len2 = struct.unpack_from("<QQQQQqq", rec, HDR)
+        q1, q2 = _queries(rec, HDR + 56, buf2, _s32(len1), _s32(len2))
         data = {"function": "send_dg", "statp": statp, "options": options,
                 "flags": flags & 0xFFFFFFFF, "q1": q1, "q2": q2}
         prov = {"statp": "register", "options": "memory", "flags": "memory",
@@ -116,9 +132,10 @@ class Decoder:
         n, buf = struct.unpack_from("<qQ", rec, HDR)
         data, prov = {"function": "recvfrom", "n": n}, {"n": "register"}
         if buf and n >= 12:
-            hdr = parse_dns_header(rec[HDR + 16:HDR + 28])
-            for k in ("id", "rcode", "qdcount", "ancount", "tc"):
-                data[k], prov[k] = hdr[k], "memory"
+            raw = rec[HDR + 16:HDR + 28]
+            data["id"], prov["id"] = struct.unpack_from(">H", raw)[0], "memory"
+            for k, v in zip(HEADER_KEYS, _header(b"\0\0" + raw[2:])):
+                data[k], prov[k] = v, "memory"
         return E.RECVFROM_RETURN, data, prov
 
     def _write(self, meta, rec):
