@@ -153,6 +153,21 @@ def _libc_path(pid: int) -> str:
     raise RuntimeError("libc not mapped")
 
 
+def _proc_cpu_s(pid: int) -> float:
+    """utime + stime of every thread of ``pid`` so far."""
+    with open(f"/proc/{pid}/stat") as fh:
+        f = fh.read().rsplit(")", 1)[1].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _busy_cpu_s() -> float:
+    """Seconds of non-idle CPU of the whole machine so far (/proc/stat)."""
+    with open("/proc/stat") as fh:
+        f = [int(x) for x in fh.readline().split()[1:]]
+    idle = f[3] + (f[4] if len(f) > 4 else 0)
+    return (sum(f[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def _stats(xs: list[float]) -> dict:
     if not xs:
         return {"n": 0, "median_ms": None, "mean_ms": None, "p99_ms": None}
@@ -173,34 +188,54 @@ def bench_latency(release, rounds, secs, log, modes=MODES) -> dict:
         if any(m.startswith("gdb-") for m in modes):
             _warm_symbols(lab.pid)
         windows = {m: [] for m in modes}
+        busy = {m: [] for m in modes}
+        target = {m: [] for m in modes}
         for r in range(rounds):
             for m in modes:
                 tool = Tool(m, lab.pid)
                 if m != "unarmed":
                     tool.start()
-                t0 = time.time()
+                t0, c0, p0 = time.time(), _busy_cpu_s(), _proc_cpu_s(lab.pid)
                 time.sleep(secs)
-                t1 = time.time()
+                t1, c1, p1 = time.time(), _busy_cpu_s(), _proc_cpu_s(lab.pid)
                 tool.stop()
                 windows[m].append((t0, t1))
+                busy[m].append(c1 - c0)
+                target[m].append(p1 - p0)
                 log(f"   round {r + 1} {m:8} {secs:.0f} s")
-        recs = lab.workload_records()
-        out = {}
-        for m, ws in windows.items():
-            xs = [rec["seconds"] * 1000 for rec in recs
-                  if any(a <= rec["t"] and rec["t"] + rec["seconds"] <= b for a, b in ws)]
-            out[m] = _stats(xs)
-            out[m]["lookups_per_s"] = round(len(xs) / sum(b - a for a, b in ws), 1)
-        base, base_rate = out["unarmed"]["mean_ms"], out["unarmed"]["lookups_per_s"]
-        for m in modes:
-            # a back-to-back loop: the cost shows as time per lookup (mean, µs resolution)
-            # and as lookups per second; both are given as ratios to the unarmed phases
-            out[m]["ratio"] = round(out[m]["mean_ms"] / base, 3) if base and out[m]["mean_ms"] else None
-            out[m]["rate_ratio"] = round(base_rate / out[m]["lookups_per_s"], 3) \
-                if out[m]["lookups_per_s"] else None
+        out = _latency_figures(lab.workload_records(), windows, busy, modes)
+        tgt = _latency_figures(lab.workload_records(), windows, target, modes)
+        for m in modes:         # the target's own CPU (probe traps are charged to it)
+            out[m]["target_cpu_ms_per_lookup"] = tgt[m]["cpu_ms_per_lookup"]
+            out[m]["target_cpu_ratio"] = tgt[m]["cpu_ratio"]
         return out
     finally:
         container.down(name)
+
+
+def _latency_figures(recs: list[dict], windows: dict, busy: dict, modes) -> dict:
+    """Per mode: latency stats, lookups/s, the machine's CPU per lookup (target, DNS
+    server, the tool, the kernel probes' share of every syscall: less noisy than wall
+    time); ratios are each round's to the same round's unarmed phase, median over rounds,
+    so slow drift of the machine cancels."""
+    out, per_round = {}, {}
+    for m, ws in windows.items():
+        per = [[r["seconds"] * 1000 for r in recs if a <= r["t"] and r["t"] + r["seconds"] <= b]
+               for a, b in ws]
+        xs = [x for p in per for x in p]
+        out[m] = _stats(xs)
+        out[m]["lookups_per_s"] = round(len(xs) / sum(b - a for a, b in ws), 1)
+        out[m]["cpu_ms_per_lookup"] = round(sum(busy[m]) * 1000 / len(xs), 4) if xs else None
+        per_round[m] = [(statistics.fmean(p), busy[m][i] * 1000 / len(p)) if p else None
+                        for i, p in enumerate(per)]
+    for m in modes:
+        rs = [(a[0] / b[0], a[1] / b[1]) for a, b in zip(per_round[m], per_round["unarmed"])
+              if a and b and b[0] and b[1]]
+        out[m]["ratio"] = round(statistics.median(r[0] for r in rs), 3) if rs else None
+        out[m]["cpu_ratio"] = round(statistics.median(r[1] for r in rs), 3) if rs else None
+        out[m]["rate_ratio"] = round(out["unarmed"]["lookups_per_s"] / out[m]["lookups_per_s"], 3) \
+            if out[m]["lookups_per_s"] else None
+    return out
 
 
 def bench_throughput(release, rounds, secs, log) -> dict:
@@ -350,10 +385,14 @@ def render(res: dict) -> str:
     lat = res.get("latency")
     if lat:
         rows = [[m, lat[m]["n"], lat[m].get("lookups_per_s"), lat[m]["median_ms"],
-                 lat[m].get("mean_ms"), lat[m]["p99_ms"], lat[m]["ratio"], lat[m].get("rate_ratio")]
+                 lat[m].get("mean_ms"), lat[m]["p99_ms"], lat[m]["ratio"], lat[m].get("rate_ratio"),
+                 lat[m].get("cpu_ms_per_lookup"), lat[m].get("cpu_ratio"),
+                 lat[m].get("target_cpu_ms_per_lookup"), lat[m].get("target_cpu_ratio")]
                 for m in MODES if m in lat]
         out.append(tabulate(rows, headers=["getaddrinfo loop", "lookups", "lookups/s", "median ms",
-                                           "mean ms", "p99 ms", "mean ratio", "1/rate ratio"]))
+                                           "mean ms", "p99 ms", "mean ratio", "1/rate ratio",
+                                           "machine CPU ms/lookup", "ratio", "target CPU ms/lookup",
+                                           "ratio"]))
     thr = res.get("throughput")
     if thr:
         rows = [[m, v["gets_per_s"], v["ratio"]] for m, v in thr.items()]

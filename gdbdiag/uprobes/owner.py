@@ -62,14 +62,16 @@ class Probes:
             self.maps["ring"] = bpf.map_create(bpf.MAP_RINGBUF, 0, 0, RING_BYTES)
             self.maps["lost"] = bpf.map_create(bpf.MAP_ARRAY, 4, 8, 1)
             self.probes, self.record_kinds = program.build(plan, self.maps, mode)
-            pmu = bpf.uprobe_pmu_type()
+            self.pmu, self.pid = bpf.uprobe_pmu_type(), plan.pid
             for p in self.probes:
+                if p.late:
+                    continue
                 raw = p.kind != "uprobe"
                 prog = bpf.prog_load(p.code, f"gdbdiag_{p.id}",
                                      bpf.PROG_RAW_TRACEPOINT if raw else bpf.PROG_KPROBE)
                 try:
                     self.fds.append(bpf.raw_tracepoint_open(p.kind, prog) if raw else
-                                    bpf.uprobe_open(p.file, p.offset, plan.pid, prog, pmu))
+                                    bpf.uprobe_open(p.file, p.offset, plan.pid, prog, self.pmu))
                 finally:
                     os.close(prog)           # the attachment holds the program
         except bpf.BpfError as exc:
@@ -77,6 +79,20 @@ class Probes:
         self.ring = bpf.RingReader(self.maps["ring"], RING_BYTES)
         # records from before the last probe was attached may come from a partial set
         self.ready_ns = time.monotonic_ns()
+
+    def attach_late(self) -> int:
+        """Attach the probes kept for later (armed mode, once a thread is detailed)."""
+        n = 0
+        for p in self.probes:
+            if p.late and self.maps:
+                prog = bpf.prog_load(p.code, f"gdbdiag_{p.id}")
+                try:
+                    self.fds.append(bpf.uprobe_open(p.file, p.offset, self.pid, prog, self.pmu))
+                finally:
+                    os.close(prog)
+                p.late = False
+                n += 1
+        return n
 
     def records(self) -> list[bytes]:
         if self.ring is None:

@@ -18,8 +18,9 @@ Nothing is ever written to the target.
 Modes (what produces records):
 
 - ``lean``: the sticky-bit writers, always; send_dg's steps for *detailed* threads only.
-- ``armed`` (default): lean plus getaddrinfo's entry for every thread.
-- ``full``: everything for every thread.
+- ``armed`` (default): lean, plus getaddrinfo's entry (the name) for detailed threads,
+  attached once the first thread is detailed (a uprobe traps every lookup).
+- ``full``: everything for every thread from the start.
 
 A thread is *detailed* once the kernel has seen its resolver state in single-request
 mode: at send_dg's entry (``(options | _flags) & (SNGLKUP|SNGLKUPREOP)``) or at a
@@ -73,7 +74,7 @@ class Probe:
     file: str | None
     offset: int | None
     code: bytes
-    records: dict = field(default_factory=dict)      # record kind -> meta
+    late: bool = False        # attached only once a thread is detailed (armed mode)
 
 
 class Gen:
@@ -195,16 +196,19 @@ class Builder:
         self.record_kinds[n] = (kind, meta)
         return n
 
-    def add(self, kind, file, offset, fn):
+    def add(self, kind, file, offset, fn, late=False):
         g = Gen(self.plan.pid, self.maps, len(self.probes), raw_tp=kind != "uprobe")
         fn(g)
-        self.probes.append(Probe(len(self.probes), kind, file, offset, g.done()))
+        self.probes.append(Probe(len(self.probes), kind, file, offset, g.done(), late))
 
     def build(self) -> list[Probe]:
         p = self.plan
         if p.gai_entry is not None and self.mode != "lean":
+            # a uprobe traps every lookup of every thread: in armed mode it is attached
+            # once a thread is detailed, and names only detailed threads' lookups
             rid = self.rid("G")
-            self.add("uprobe", p.libc_file, p.gai_entry, lambda g: _gai(g, rid))
+            self.add("uprobe", p.libc_file, p.gai_entry, lambda g: _gai(g, rid, not self.full),
+                     late=not self.full)
         rid = self.rid("E")
         self.add("uprobe", p.send_dg_file, p.send_dg_entry, lambda g: _enter(g, p, rid, self.full))
         for i, w in enumerate(p.writers):
@@ -223,7 +227,9 @@ def build(plan: Plan, maps: dict, mode: str = "armed") -> tuple[list[Probe], dic
 
 
 # -- uprobes ------------------------------------------------------------------------------
-def _gai(g: Gen, rid: int):
+def _gai(g: Gen, rid: int, detailed_only: bool):
+    if detailed_only:
+        g.only_detailed()
     g.a.ldx(8, R1, R6, PT_REGS["rdi"]).stx(8, FP, -24, R1)
     g.reserve(HDR + NAMELEN, rid)
     g.user(HDR, NAMELEN, -24, rec=True, string=True)

@@ -45,6 +45,7 @@ class UprobeRun:
         self._names: dict[int, str | None] = {}
         self.stack_error: str | None = None
         self.lost = 0
+        self.late_done = False
         self.symbols, self.offline, self.source = symbols, offline, source
         self.enrich = None
         self.symbols_line = ""
@@ -67,9 +68,19 @@ class UprobeRun:
                             resolv_conf_single_request=_resolv_conf_single_request(self.pid))
         self._status()
         self.owner = Probes(plan, self.mode)
+        if any(t.sticky for t in self.det.threads.values()):
+            self._attach_late()
         self.decoder = Decoder(self.owner.record_kinds, plan.writers,
                                time.time() - time.monotonic(), self._name)
         return time.monotonic() - t
+
+    def _attach_late(self) -> None:
+        """A thread is detailed: attach what armed mode keeps for that moment."""
+        self.late_done = True
+        try:
+            self.owner.attach_late()
+        except Exception as exc:                # the diagnosis stands without names
+            self.say(f"gdbdiag: getaddrinfo probe not attached ({exc})")
 
     def _name(self, tid: int) -> str | None:
         if tid not in self._names:
@@ -105,6 +116,10 @@ class UprobeRun:
         if self.record:
             self.record.write(json.dumps(ev.to_json(), sort_keys=True) + "\n")
         out = self.det.feed(ev)
+        if not self.late_done and self.owner is not None and (
+                ev.kind in (E.SEND_DG_ENTER, E.FLAG_WRITE) or
+                any(f.kind == E.STICKY_ENGAGED for f in out)):
+            self._attach_late()
         if self.step_log and ev.kind != E.STATUS:
             rows = self.det.dump(ev)
             self.step_log.write(f"== +{ev.t - self.t0:.6f}s LWP {ev.lwp} {ev.kind}\n" + "".join(
