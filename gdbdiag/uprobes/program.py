@@ -35,15 +35,16 @@ from dataclasses import dataclass, field
 
 from ..glibc.codeflow import RES_STATE
 from . import bpf
-from .bpf import (ADD, AND, FP, JEQ, JNE, JSLT, LSH, OR, PT_REGS, R0, R1, R2, R3, R4, R6, R7,
-                  R8, R9, RSH, Asm)
+from .bpf import (ADD, AND, FP, JEQ, JGT, JNE, JSLT, LSH, OR, PT_REGS, R0, R1, R2, R3, R4, R6,
+                  R7, R8, R9, RSH, SUB, Asm)
 
 QLEN = 128           # bytes of a query packet kept
 NAMELEN = 128        # bytes of getaddrinfo's name
 HDR = 16             # u32 probe id, u32 tid, u64 CLOCK_MONOTONIC ns
 STICKY_MASK = 0x600000
 (SLOT_DETAIL, SLOT_BUF1, SLOT_BUF2, SLOT_PFD, SLOT_SEND, SLOT_RECV, SLOT_ANS,
- SLOT_STATP) = range(8)
+ SLOT_STATP, SLOT_POLL_T) = range(9)
+QUICK_POLL_NS = 100_000_000     # a poll that returned an event sooner tells the detector nothing
 ENTER_SIZE = HDR + 56 + 2 * QLEN
 WRITE_SIZE = HDR + 48 + 2 * QLEN
 NR_POLL, NR_SENDTO, NR_RECVFROM, NR_SENDMMSG = 7, 44, 45, 307       # x86-64
@@ -327,11 +328,17 @@ def _sys_exit(g: Gen, plan: Plan, rids: dict):
 
 
 def _enter_poll(g: Gen, plan: Plan, rids: dict):          # poll(pfd, nfds, timeout)
+    """The wait: poll(pfd, 1, ptimeout). ``poll(pfd, 1, 0)``, the can-I-send check that
+    cannot wait, is left out."""
     g.only_detailed()
+    g.reg("rdx", -96)
+    g.a.ldx(4, R1, FP, -96).jmp(JEQ, R1, "out", imm=0)
     g.reg("rdi", -88)
     g.user(-56, 4, -88)                                   # pfd[0].fd
     _resolver_fd(g, plan, -56)
     g.put(SLOT_PFD, -88)
+    g.a.call(bpf.KTIME_NS).stx(8, FP, -104, R0)
+    g.put(SLOT_POLL_T, -104)
     g.reserve(POLL_SIZE, rids["P"])
     for i, r in enumerate(POLL_REGS):
         g.reg(r, HDR + 8 * i, rec=True)
@@ -374,9 +381,24 @@ def _exit_mmsg(g: Gen, plan: Plan, rids: dict):            # sendmmsg(fd, msgvec
 ENTER = {NR_POLL: _enter_poll,
          NR_SENDTO: lambda g, plan, rids: _enter_sock(g, plan, SLOT_SEND),
          NR_RECVFROM: lambda g, plan, rids: _enter_sock(g, plan, SLOT_RECV)}
-EXIT = {NR_POLL: lambda g, plan, rids: _exit_with(g, SLOT_PFD, rids["p"], 8),
+EXIT = {NR_POLL: lambda g, plan, rids: _exit_poll(g, rids),
         NR_SENDTO: lambda g, plan, rids: _exit_with(g, SLOT_SEND, rids["S"], 8),
         NR_RECVFROM: _exit_recv, NR_SENDMMSG: _exit_mmsg}
+
+
+def _exit_poll(g: Gen, rids: dict):
+    """The wait's end; one that got an answer within QUICK_POLL_NS is not recorded (no
+    timeout, no stall, no lost answer: nothing for the detector)."""
+    a = g.a
+    g.get(SLOT_PFD, -88)
+    a.ldx(8, R1, FP, -88).jmp(JEQ, R1, "out", imm=0)
+    g.forget(SLOT_PFD)
+    g.get(SLOT_POLL_T, -104)
+    a.ldx(8, R1, R6, 8).jmp(JSLT, R1, "record", imm=1)   # timeout (0) or error: record
+    a.call(bpf.KTIME_NS).ldx(8, R1, FP, -104).alu(SUB, R0, src=R1)
+    a.jmp(JGT, R0, "record", imm=QUICK_POLL_NS).ja("out")
+    a.label("record")
+    _exit_record(g, rids["p"], 8)
 
 
 def _exit_with(g: Gen, slot: int, rid: int, n: int):
