@@ -199,19 +199,27 @@ def test_no_probe_capabilities_says_so_and_samples(lab_factory, tmp_path):
     assert json.loads(out.read_text())["run"]["mode"] == "passive"
 
 
-def test_healthy(lab_factory, tmp_path):
+@pytest.mark.parametrize("mode", ["armed", "full"])
+def test_healthy(lab_factory, tmp_path, mode):
     lab = lab_factory(release="bullseye", workload="redis", fault="none")
     out = tmp_path / "rep.json"
-    r = Runner(lab.pid, "--duration", "6", "--json", out, "--fail-on", "stall")
+    r = Runner(lab.pid, "--duration", "6", "--json", out, "--fail-on", "stall",
+               *(["--full"] if mode == "full" else []))
     rc = r.finish(90)
     assert rc == 0, r.text
     rep = json.loads(out.read_text())
     assert rep["verdict"]["code"] == "HEALTHY"
     assert rep["verdict"]["remediation"] == []
-    # armed mode watches every lookup at getaddrinfo, and nothing else while healthy
     gai = [e for e in rep["events"] if e["kind"] == "gai_enter"]
-    assert gai and all(e["name"] == "keydb-0.keydb" for e in gai)
-    assert not [e for e in rep["events"] if e["kind"] == "send_dg_enter"]
+    dg = [e for e in rep["events"] if e["kind"] == "send_dg_enter"]
+    if mode == "armed":
+        # while no thread is sticky the kernel records nothing: the writer never fires,
+        # send_dg's steps and getaddrinfo's name are for sticky threads only
+        assert not gai and not dg and rep["run"]["records"] == 0
+    else:
+        # --full: every lookup, named, with send_dg's steps (replicationCron: once a second)
+        assert gai and all(e["name"] == "keydb-0.keydb" for e in gai)
+        assert dg
 
 
 def _refused(pid, *extra, user=None):
