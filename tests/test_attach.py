@@ -22,9 +22,10 @@ GD = [sys.executable, "-m", "gdbdiag.cli"]
 class Runner:
     """`gdbdiag attach` as a subprocess whose stdout is read line by line."""
 
-    def __init__(self, *args):
-        self.p = subprocess.Popen(GD + ["attach", *map(str, args)], stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    def __init__(self, *args, prefix=(), env=None):
+        self.p = subprocess.Popen([*prefix, *GD, "attach", *map(str, args)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                  env=dict(os.environ, **(env or {})))
         self.lines: list[str] = []
         self._t = threading.Thread(target=self._read, daemon=True)
         self._t.start()

@@ -8,27 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import threading
-import time
 
 import pytest
 
 from gdbdiag.codecheck import diff_code
+from test_attach import Runner
 
 pytestmark = pytest.mark.lab
-
-
-def _attach(pid, cache, out, *extra):
-    argv = ["unshare", "-n", sys.executable, "-m", "gdbdiag.cli", "attach", str(pid),
-            "--json", str(out), *extra]
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         env=dict(os.environ, GDBDIAG_CACHE=str(cache)), start_new_session=True)
-    lines: list[str] = []
-    t = threading.Thread(target=lambda: lines.extend(l.rstrip("\n") for l in p.stdout), daemon=True)
-    t.start()
-    return p, lines, t
 
 
 @pytest.mark.parametrize("release,verdict", [("bullseye", "STICKY_STALLING"),
@@ -39,20 +25,17 @@ def test_diagnosis_with_no_symbols_and_no_network(lab_factory, tmp_path, release
     cache = tmp_path / "empty-cache"
     cache.mkdir()
     out = tmp_path / "rep.json"
-    p, lines, t = _attach(lab.pid, cache, out, "--duration", "45", "--until",
-                          "stall" if release == "bullseye" else "sticky")
+    r = Runner(lab.pid, "--json", out, "--duration", "45", "--until",
+               "stall" if release == "bullseye" else "sticky",
+               prefix=["unshare", "-n"], env={"GDBDIAG_CACHE": str(cache)})
     try:
-        deadline = time.monotonic() + 30
-        while not any("armed in" in l for l in lines) and time.monotonic() < deadline:
-            assert p.poll() is None, "\n".join(lines)
-            time.sleep(0.1)
+        r.wait_for("armed in", 30)
         lab.inject()
-        assert p.wait(timeout=90) == 0, "\n".join(lines)
+        assert r.finish(90) == 0, r.text
     finally:
-        if p.poll() is None:
-            p.kill()
-        t.join(5)
-    text = "\n".join(lines)
+        if r.p.poll() is None:
+            r.p.kill()
+    text = r.text
     assert "no debug symbols needed" in text
     assert "symbols: 0 from the cache" in text          # the one line saying what it did
     rep = json.loads(out.read_text())

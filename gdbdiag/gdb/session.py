@@ -329,17 +329,8 @@ def build_facts(analysis) -> dict:
 
 def resolv_conf_single_request():
     """Does the target's own /etc/resolv.conf say single-request? (read in its root)."""
-    pid = gdb.selected_inferior().pid
-    try:
-        from ..symbols.rootfs import SafeRoot
-        text = SafeRoot("/proc/%d/root" % pid).read_text("/etc/resolv.conf")
-    except Exception:
-        return None
-    for line in text.splitlines():
-        parts = line.split()
-        if parts and parts[0] == "options" and any(p.startswith("single-request") for p in parts[1:]):
-            return True
-    return False
+    from ..symbols.facts import resolv_conf_single_request as read
+    return read(gdb.selected_inferior().pid)
 
 
 def thread_states(offsets=None) -> list:

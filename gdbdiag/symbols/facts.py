@@ -39,3 +39,18 @@ def glibc_facts(pid: int, from_code: dict | None = None) -> dict:
     if out["sticky_field"] is None:
         out["sticky_field"] = chk.get("sticky_field")
     return out
+
+
+def resolv_conf_single_request(pid: int) -> bool | None:
+    """Does the target's own /etc/resolv.conf say single-request(-reopen)? Read inside its
+    root (absolute symlinks resolved there, never on the host); None when unreadable."""
+    from .rootfs import SafeRoot
+    try:
+        text = SafeRoot("/proc/%d/root" % pid).read_text("/etc/resolv.conf")
+    except Exception:
+        return None
+    for line in text.splitlines():
+        parts = line.split()
+        if parts and parts[0] == "options" and any(p.startswith("single-request") for p in parts[1:]):
+            return True
+    return False

@@ -18,6 +18,7 @@ from ..core import events as E
 from ..core import render
 from ..core import report as R
 from ..core.detector import Detector
+from ..symbols.facts import resolv_conf_single_request
 from . import plan as P
 from .owner import Probes
 from .records import Decoder, RecordError
@@ -65,7 +66,7 @@ class UprobeRun:
         self.symbols_line = self.enrich.start()
         field = self.analysis.get("sticky_field")
         self.det = Detector(flag_probe=bool(plan.writers), sticky_field=field,
-                            resolv_conf_single_request=_resolv_conf_single_request(self.pid))
+                            resolv_conf_single_request=resolv_conf_single_request(self.pid))
         self._status()
         self.owner = Probes(plan, self.mode)
         if any(t.sticky for t in self.det.threads.values()):
@@ -292,16 +293,3 @@ def _exe(pid: int) -> str | None:
         return argv0 or os.readlink(f"/proc/{pid}/exe")
     except OSError:
         return None
-
-
-def _resolv_conf_single_request(pid: int) -> bool | None:
-    try:
-        with open(f"/proc/{pid}/root/etc/resolv.conf") as fh:
-            text = fh.read()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        f = line.split()
-        if f and f[0] == "options" and ("single-request" in f[1:] or "single-request-reopen" in f[1:]):
-            return True
-    return False
