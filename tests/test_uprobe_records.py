@@ -16,7 +16,8 @@ from gdbdiag.uprobes.records import Decoder
 NAME = "keydb-0.keydb"
 KINDS = {0: ("E", {}), 1: ("P", {}), 2: ("p", {}), 3: ("M", {}), 4: ("R", {}),
          5: ("W", {"writer": 0}), 6: ("G", {}), 7: ("S", {})}
-WRITERS = [{"addr_offset": 0x9C0E, "base_reg": "r15", "field": "options", "bit": "RES_SNGLKUP"}]
+WRITERS = [{"addr_offset": 0x9C0E, "base_reg": "r15", "field": "options", "bit": "RES_SNGLKUP",
+            "cfa_rsp": 0xD8}]
 TID = 4242
 
 
@@ -49,9 +50,20 @@ def _answer(ms, qid, rcode):
     return _rec(4, ms, struct.pack("<qQ", 60, 0x8000) + hdr + b"\0" * 4)
 
 
-def _writer(ms, options, qa, qaaaa, answered):
-    pl = struct.pack("<QQQQQQ", 0x1000, 0x2000, 0x3000, options, 0, answered)
-    return _rec(5, ms, pl + qa.ljust(program.QLEN, b"\0") + qaaaa.ljust(program.QLEN, b"\0"))
+def _reply(qtype: str, qid: int, addr: str) -> bytes:
+    d = DNSRecord.question(NAME + ".", qtype).reply()
+    d.header.id = qid
+    d.add_answer(*__import__("dnslib").RR.fromZone(f"{NAME}. 5 IN {qtype} {addr}"))
+    return d.pack()[:program.QLEN]
+
+
+def _writer(ms, options, qa, qaaaa, answered, reply=b"", entry=True):
+    """The writer's record; ``entry``: send_dg's entry was probed (its buf/buf2 kept)."""
+    bufs = (0x2000, 0x3000) if entry else (0, 0)
+    pl = struct.pack("<8Q", 0x1000, *bufs, options, 0, answered, 0x7FF8 if reply else 0,
+                     0x9000 if reply else 0)
+    qs = (qa, qaaaa) if entry else (b"", b"")
+    return _rec(5, ms, pl + b"".join(x.ljust(program.QLEN, b"\0") for x in (*qs, reply)))
 
 
 def _decode_all(recs):
@@ -93,6 +105,33 @@ def test_a_switch_then_a_doomed_poll_from_records():
     assert abs(found[2].get("measured_ms") - 5000) < 1
 
 
+def test_the_writer_names_the_lost_query_from_the_one_answer():
+    """Healthy until the switch (no entry probe, no syscall probe attached yet): the
+    queries are reconstructed from the answer in send_dg's first buffer, as inferred."""
+    evs = _decode_all([_writer(5005, 0x2C1, b"", b"", 0, _reply("A", 0x1111, "10.0.0.1"),
+                               entry=False)])
+    fw = evs[0]
+    assert fw.get("answer") == {"id": 0x1111, "qname": NAME + ".", "qtype": "A", "rcode": "NOERROR"}
+    assert fw.prov["answer"] == "memory" and fw.prov["q1"] == fw.prov["q2"] == "inferred"
+    assert fw.get("q1") == {"id": 0x1111, "qname": NAME + ".", "qtype": "A"}
+    assert fw.get("q2") == {"id": None, "qname": NAME + ".", "qtype": "AAAA"}
+    assert (fw.get("recvresp1"), fw.get("recvresp2")) == (1, 0)
+    found = Detector(sticky_field="options").feed(fw)
+    assert [f.kind for f in found] == ["sticky_engaged"]
+    assert "AAAA answer for keydb-0.keydb. lost" in found[0].get("cause")
+    # the other way round: AAAA answered, A lost
+    fw = _decode_all([_writer(1, 0x2C1, b"", b"", 0, _reply("AAAA", 7, "fd00::1"), entry=False)])[0]
+    assert (fw.get("recvresp1"), fw.get("recvresp2")) == (0, 1) and fw.get("q1")["qtype"] == "A"
+    # with the entry probe but no syscall bookkeeping: matched by id, as send_dg does
+    a, aaaa = _q("A", 0x1111), _q("AAAA", 0x2222)
+    fw = _decode_all([_writer(1, 0x2C1, a, aaaa, 0, _reply("AAAA", 0x2222, "fd00::1"))])[0]
+    assert (fw.get("recvresp1"), fw.get("recvresp2")) == (0, 1) and fw.prov["q1"] == "memory"
+    # what is not an answer is not used: no names claimed
+    fw = _decode_all([_writer(1, 0x2C1, b"", b"", 0, _q("A", 5), entry=False)])[0]
+    assert fw.get("answer") is None and fw.get("q1") is None
+    assert "poll timeout with one answer missing" in Detector().feed(fw)[0].get("cause")
+
+
 def test_query_names_parse_once_per_packet_shape():
     """The same names come back with new ids: decoding must not depend on the id or on
     the bytes after the packet (the record holds 128 bytes)."""
@@ -111,10 +150,16 @@ def test_the_kernel_accepts_every_program(tmp_path):
             "lost": bpf.map_create(bpf.MAP_ARRAY, 4, 8, 1)}
     try:
         plan = program.Plan(pid=1, send_dg_file="/x", libc_file="/y", send_dg_entry=0x100,
-                            writers=WRITERS, gai_entry=0x200)
+                            writers=WRITERS + [dict(WRITERS[0], cfa_rsp=None)], gai_entry=0x200)
         for mode in ("lean", "armed", "full"):
             probes, kinds = program.build(plan, maps, mode)
             assert {k for k, _ in kinds.values()} >= {"E", "W", "P", "p", "S", "M", "R"}
+            # healthy lean/armed: only the writers are attached at first
+            early = [p for p in probes if not p.late]
+            if mode == "full":
+                assert early == probes
+            else:
+                assert [p.kind for p in early] == ["uprobe", "uprobe"]    # the two writers
             for p in probes:
                 kind = bpf.PROG_KPROBE if p.kind == "uprobe" else bpf.PROG_RAW_TRACEPOINT
                 os.close(bpf.prog_load(p.code, f"t{p.id}", kind))

@@ -27,7 +27,7 @@ from .fix30081 import decide_fix
 
 __all__ = ["ANALYZER_VERSION", "analyze_object", "analyze_target", "default_analysis_dir", "AnalysisError"]
 
-ANALYZER_VERSION = 3
+ANALYZER_VERSION = 4
 
 
 class AnalysisError(Exception):
@@ -177,6 +177,7 @@ def _analyze(img: ElfImage) -> dict:
            "sticky_writers": writers, "sticky_field": None, "probe_set_complete": False}
     for w in writers:
         w["in_send_dg"] = fn is not None and tuple(w["function"]) == fn
+        w["cfa_rsp"] = img.cfa_at(tuple(w["function"]), w["addr"])
     if fn is not None:
         res.update(_send_dg_facts(img, fn, main_insns, writers))
         incomplete = _check_calls(res["calls"])

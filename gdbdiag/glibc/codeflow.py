@@ -34,6 +34,13 @@ RES_STATE = {"retrans": (0, 4), "options": (8, 8), "pfcode": (0x180, 8), "_flags
 FLAG_FIELDS = ("options", "_flags")
 FLAG_BITS = {0x200000: "RES_SNGLKUP", 0x400000: "RES_SNGLKUPREOP"}
 CALL_KINDS = ("poll", "send", "sendmmsg", "recvfrom")
+# send_dg(statp, buf, buflen, buf2, buflen2, ansp, anssizp, terrno, ns, v_circuit,
+#         gotsomewhere, anscp, ansp2, anssizp2, resplen2, ansp2_malloced) (2.26 and later):
+# the arguments after the sixth are on the stack, the 7th at the CFA. The first answer
+# send_dg receives goes to ``*(anscp ?: ansp)``; getaddrinfo's path always passes anscp.
+SEND_DG_STACK_ARGS = {name: 8 * i for i, name in enumerate(
+    ("anssizp", "terrno", "ns", "v_circuit", "gotsomewhere", "anscp", "ansp2", "anssizp2",
+     "resplen2", "ansp2_malloced"))}
 
 _md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 _md.syntax = capstone.CS_OPT_SYNTAX_ATT

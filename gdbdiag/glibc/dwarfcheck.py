@@ -178,11 +178,6 @@ def _fbreg_offsets(dw, cu, sub, var: str) -> list[int]:
     return sorted(out)
 
 
-def _cfa_at(img: ElfImage, fn: tuple, addr: int) -> int | None:
-    rows = [c for loc, c in img.cfi_rows(fn) if loc <= addr]
-    return rows[-1] if rows else None
-
-
 def dwarf_check(img: ElfImage, res: dict, debug_file: str) -> dict:
     """{"used": bool, "agrees": bool|None, "details": {...}} (see the module doc)."""
     try:
@@ -238,7 +233,7 @@ def _compare_layout(img, res, facts, fn) -> dict:
     fb = facts.get("single_request_fbreg")
     writer = next((w for w in res.get("sticky_writers", []) if w.get("in_send_dg")), None)
     if home and fb is not None and writer is not None:
-        cfa = _cfa_at(img, tuple(fn), writer["addr"])
+        cfa = img.cfa_at(tuple(fn), writer["addr"])
         slots = [f"rsp+{cfa + n:#x}" for n in fb] if cfa is not None else []
         out["single_request"] = {"agrees": home in slots if slots else None, "dwarf_slots": slots,
                                  "ours": home, "cfa_minus_rsp": cfa}

@@ -341,6 +341,12 @@ class ElfImage:
             return [(fn[0], None)]
         return cfa_rows(fn[0], got[2])
 
+    def cfa_at(self, fn: tuple[int, int], addr: int) -> int | None:
+        """CFA - rsp just before the instruction at ``addr`` of ``fn``, or None where
+        the CFA is not rsp-based there."""
+        rows = [c for loc, c in self.cfi_rows(fn) if loc <= addr]
+        return rows[-1] if rows else None
+
     def fde_at(self, start: int) -> tuple[int, int, bytes] | None:
         """The FDE that begins exactly at ``start``: (begin, end, CFA instructions)."""
         t = self.fde_starts()

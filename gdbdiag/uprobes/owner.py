@@ -10,6 +10,7 @@ is nothing for anyone to restore, and no signal ever reaches the target.
 from __future__ import annotations
 
 import os
+import select
 import struct
 import time
 
@@ -49,6 +50,8 @@ class Probes:
         check_available()
         self.fds: list[int] = []
         self.maps: dict[str, int] = {}
+        self.loaded: dict[int, int] = {}
+        self.probes: list[program.Probe] = []
         self.ring = None
         try:
             self._attach(plan, mode)
@@ -63,36 +66,48 @@ class Probes:
             self.maps["lost"] = bpf.map_create(bpf.MAP_ARRAY, 4, 8, 1)
             self.probes, self.record_kinds = program.build(plan, self.maps, mode)
             self.pmu, self.pid = bpf.uprobe_pmu_type(), plan.pid
+            # every program is loaded (verified) now; the late ones wait unattached, so
+            # attaching them later is a few system calls, not a verifier run
+            self.loaded = {}
             for p in self.probes:
-                if p.late:
-                    continue
-                raw = p.kind != "uprobe"
-                prog = bpf.prog_load(p.code, f"gdbdiag_{p.id}",
-                                     bpf.PROG_RAW_TRACEPOINT if raw else bpf.PROG_KPROBE)
-                try:
-                    self.fds.append(bpf.raw_tracepoint_open(p.kind, prog) if raw else
-                                    bpf.uprobe_open(p.file, p.offset, plan.pid, prog, self.pmu))
-                finally:
-                    os.close(prog)           # the attachment holds the program
+                self.loaded[p.id] = bpf.prog_load(p.code, f"gdbdiag_{p.id}",
+                                                  bpf.PROG_RAW_TRACEPOINT if p.kind != "uprobe"
+                                                  else bpf.PROG_KPROBE)
+            for p in self.probes:
+                if not p.late:
+                    self._attach_one(p)
         except bpf.BpfError as exc:
             raise ProbeUnavailable(str(exc)) from None
         self.ring = bpf.RingReader(self.maps["ring"], RING_BYTES)
+        self.poller = select.poll()
+        self.poller.register(self.maps["ring"], select.POLLIN)
         # records from before the last probe was attached may come from a partial set
         self.ready_ns = time.monotonic_ns()
 
+    def _attach_one(self, p: program.Probe) -> None:
+        prog = self.loaded.pop(p.id)
+        try:
+            self.fds.append(bpf.uprobe_open(p.file, p.offset, self.pid, prog, self.pmu)
+                            if p.kind == "uprobe" else bpf.raw_tracepoint_open(p.kind, prog))
+        finally:
+            os.close(prog)           # the attachment holds the program
+        p.late = False
+
+    @property
+    def pending(self) -> bool:
+        return any(p.late for p in self.probes)
+
     def attach_late(self) -> int:
-        """Attach the probes kept for later (armed mode, once a thread is detailed)."""
-        n = 0
-        for p in self.probes:
-            if p.late and self.maps:
-                prog = bpf.prog_load(p.code, f"gdbdiag_{p.id}")
-                try:
-                    self.fds.append(bpf.uprobe_open(p.file, p.offset, self.pid, prog, self.pmu))
-                finally:
-                    os.close(prog)
-                p.late = False
-                n += 1
-        return n
+        """Attach the probes kept for later (lean/armed mode, once a thread is detailed)."""
+        late = [p for p in self.probes if p.late] if self.maps else []
+        for p in late:
+            self._attach_one(p)
+        return len(late)
+
+    def wait(self, timeout: float) -> None:
+        """Sleep until a record that asks for it (the switch) or ``timeout`` seconds."""
+        if self.ring is not None:
+            self.poller.poll(int(timeout * 1000))
 
     def records(self) -> list[bytes]:
         if self.ring is None:
@@ -114,6 +129,9 @@ class Probes:
         for fd in self.fds:            # first the probes: the target is untouched from here
             os.close(fd)
         self.fds = []
+        for fd in self.loaded.values():
+            os.close(fd)
+        self.loaded = {}
         if self.ring is not None:
             self.ring.close()
             self.ring = None

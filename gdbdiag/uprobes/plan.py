@@ -43,7 +43,7 @@ def make_plan(pid: int, ident, analysis: dict) -> Plan:
     libc = analysis["libc"]
     path = _object(ident, "libc.so" if where == "libc" else "libresolv.so").path
     writers = [{"addr_offset": w["file_offset"], "base_reg": w["base_reg"], "field": w["field"],
-                "bit": w["bit"]} for w in obj.get("sticky_writers", []) if w.get("in_send_dg")]
+                "bit": w["bit"], "cfa_rsp": w.get("cfa_rsp")} for w in obj.get("sticky_writers", []) if w.get("in_send_dg")]
     gai = libc.get("getaddrinfo") or {}
     return Plan(pid=pid, send_dg_file=target_file(pid, path),
                 libc_file=target_file(pid, _object(ident, "libc.so").path),

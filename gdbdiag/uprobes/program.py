@@ -18,14 +18,19 @@ Nothing is ever written to the target.
 Modes (what produces records):
 
 - ``lean``: the sticky-bit writers, always; send_dg's steps for *detailed* threads only.
-- ``armed`` (default): lean, plus getaddrinfo's entry (the name) for detailed threads,
-  attached once the first thread is detailed (a uprobe traps every lookup).
+- ``armed`` (default): lean, plus getaddrinfo's entry (the name) for detailed threads.
 - ``full``: everything for every thread from the start.
+
+In lean and armed mode a healthy process meets only the writer uprobes, which never fire
+while no thread switches: no trap per lookup, no tracepoint on any syscall. Everything
+else is loaded at arming and attached once a thread is detailed (the run does it on the
+writer's record, which wakes it, or at arming when a thread is already sticky).
 
 A thread is *detailed* once the kernel has seen its resolver state in single-request
 mode: at send_dg's entry (``(options | _flags) & (SNGLKUP|SNGLKUPREOP)``) or at a
-sticky-bit write. For every thread the kernel also keeps which query each answer
-matched (send_dg's recvresp1/2), so the writer probe names the lost query.
+sticky-bit write. The writer probe names the lost query from the one answer send_dg got
+(its first answer buffer, through the ``anscp`` argument); while the syscall probes are
+attached the kernel also keeps which query each answer matched (recvresp1/2).
 
 Per-thread state lives in one LRU hash map keyed ``slot << 32 | tid``.
 """
@@ -33,7 +38,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..glibc.codeflow import RES_STATE
+from ..glibc.codeflow import RES_STATE, SEND_DG_STACK_ARGS
 from . import bpf
 from .bpf import (ADD, AND, FP, JEQ, JGT, JNE, JSLT, LSH, OR, PT_REGS, R0, R1, R2, R3, R4, R6,
                   R7, R8, R9, RSH, SUB, Asm)
@@ -46,7 +51,7 @@ STICKY_MASK = 0x600000
  SLOT_STATP, SLOT_POLL_T) = range(9)
 QUICK_POLL_NS = 100_000_000     # a poll that returned an event sooner tells the detector nothing
 ENTER_SIZE = HDR + 56 + 2 * QLEN
-WRITE_SIZE = HDR + 48 + 2 * QLEN
+WRITE_SIZE = HDR + 64 + 3 * QLEN
 NR_POLL, NR_SENDTO, NR_RECVFROM, NR_SENDMMSG = 7, 44, 45, 307       # x86-64
 POLL_REGS = ("rdi", "rdx", "rsp", "rbp", "rbx", "r12", "r13", "r14", "r15", "rip")
 POLL_SIZE = HDR + 8 * len(POLL_REGS) + 8
@@ -65,6 +70,7 @@ class Plan:
     options_off: int = RES_STATE["options"][0]
     flags_off: int = RES_STATE["_flags"][0]
     nssocks_off: int = RES_STATE["_u._ext.nssocks"][0]
+    anscp_cfa_off: int = SEND_DG_STACK_ARGS["anscp"]
 
 
 @dataclass
@@ -75,7 +81,7 @@ class Probe:
     file: str | None
     offset: int | None
     code: bytes
-    late: bool = False        # attached only once a thread is detailed (armed mode)
+    late: bool = False        # attached only once a thread is detailed (lean, armed)
 
 
 class Gen:
@@ -174,8 +180,11 @@ class Gen:
         a.sti(4, R8, 0, rid).stx(4, R8, 4, R7)
         a.call(bpf.KTIME_NS).stx(8, R8, 8, R0)
 
-    def submit(self):
-        self.a.mov(R1, R8).movi(R2, bpf.RB_NO_WAKEUP).call(bpf.RINGBUF_SUBMIT)
+    def submit(self, wake: bool = False):
+        """Hand the record over; ``wake``: now (the reader sleeps until a rare record
+        like the switch, which may ask it to attach more probes)."""
+        flag = bpf.RB_FORCE_WAKEUP if wake else bpf.RB_NO_WAKEUP
+        self.a.mov(R1, R8).movi(R2, flag).call(bpf.RINGBUF_SUBMIT)
 
     def done(self) -> bytes:
         self.a.label("out").movi(R0, 0).exit()
@@ -203,22 +212,24 @@ class Builder:
         self.probes.append(Probe(len(self.probes), kind, file, offset, g.done(), late))
 
     def build(self) -> list[Probe]:
-        p = self.plan
+        """The writers are attached from the start; the rest traps every lookup (uprobes)
+        or taxes every syscall of the machine (tracepoints), so in lean and armed mode it
+        is attached only once a thread is detailed (sticky, or a switch seen)."""
+        p, late = self.plan, not self.full
         if p.gai_entry is not None and self.mode != "lean":
-            # a uprobe traps every lookup of every thread: in armed mode it is attached
-            # once a thread is detailed, and names only detailed threads' lookups
             rid = self.rid("G")
             self.add("uprobe", p.libc_file, p.gai_entry, lambda g: _gai(g, rid, not self.full),
-                     late=not self.full)
+                     late=late)
         rid = self.rid("E")
-        self.add("uprobe", p.send_dg_file, p.send_dg_entry, lambda g: _enter(g, p, rid, self.full))
+        self.add("uprobe", p.send_dg_file, p.send_dg_entry, lambda g: _enter(g, p, rid, self.full),
+                 late=late)
         for i, w in enumerate(p.writers):
             rid = self.rid("W", writer=i)
             self.add("uprobe", p.send_dg_file, w["addr_offset"],
                      lambda g, w=w, rid=rid: _writer(g, p, w, rid))
         rids = {k: self.rid(k) for k in ("P", "p", "S", "M", "R")}
-        self.add("sys_enter", None, None, lambda g: _sys_enter(g, p, rids))
-        self.add("sys_exit", None, None, lambda g: _sys_exit(g, p, rids))
+        self.add("sys_enter", None, None, lambda g: _sys_enter(g, p, rids), late=late)
+        self.add("sys_exit", None, None, lambda g: _sys_exit(g, p, rids), late=late)
         return self.probes
 
 
@@ -266,21 +277,36 @@ def _enter(g: Gen, plan: Plan, rid: int, full: bool):
 
 def _writer(g: Gen, plan: Plan, w: dict, rid: int):
     """The instruction that sets the sticky bit, before it runs: statp is its base
-    register; buf/buf2 as send_dg's entry saw them; recvresp1/2 as the kernel kept them."""
+    register; buf/buf2 and recvresp1/2 as send_dg's entry and the syscall probes kept
+    them (when attached by then); the first answer, read through send_dg's ``anscp``
+    argument (a stack slot at the CFA the .eh_frame gives for this instruction)."""
+    a = g.a
     g.put(SLOT_DETAIL, value=1)
     g.reg(w["base_reg"], -40)
+    g.put(SLOT_STATP, -40)                  # the syscall probes' socket test from here on
     g.get(SLOT_BUF1, -48)
     g.get(SLOT_BUF2, -56)
     g.get(SLOT_ANS, -64)
+    a.sti(8, FP, -80, 0).sti(8, FP, -88, 0)
+    if w.get("cfa_rsp") is not None:
+        g.reg("rsp", -72)
+        a.ldx(8, R1, FP, -72).alu(ADD, R1, w["cfa_rsp"] + plan.anscp_cfa_off).stx(8, FP, -72, R1)
+        g.user(-80, 8, -72)                               # anscp
+        a.ldx(8, R1, FP, -80).jmp(JEQ, R1, "noans", imm=0)
+        g.user(-88, 8, -80)                               # *anscp: the first answer
+        a.label("noans")
     g.reserve(WRITE_SIZE, rid)
     for i, at in enumerate((-40, -48, -56)):
         g.copy(HDR + 8 * i, at)
     g.user(HDR + 24, 8, -40, disp=plan.options_off, rec=True)
     g.user(HDR + 32, 4, -40, disp=plan.flags_off, rec=True)
     g.copy(HDR + 40, -64)
-    g.user(HDR + 48, QLEN, -48, rec=True)
-    g.user(HDR + 48 + QLEN, QLEN, -56, rec=True)
-    g.submit()
+    g.copy(HDR + 48, -80)
+    g.copy(HDR + 56, -88)
+    g.user(HDR + 64, QLEN, -48, rec=True)
+    g.user(HDR + 64 + QLEN, QLEN, -56, rec=True)
+    g.user(HDR + 64 + 2 * QLEN, QLEN, -88, rec=True)
+    g.submit(wake=True)
 
 
 # -- system calls -------------------------------------------------------------------------------

@@ -140,25 +140,64 @@ class Decoder:
 
     def _write(self, meta, rec):
         w = self.writers[meta["writer"]]
-        statp, buf, buf2, options, flags, answered = struct.unpack_from("<QQQQQQ", rec, HDR)
+        statp, buf, buf2, options, flags, answered, _anscp, ans = struct.unpack_from("<8Q", rec, HDR)
         flags &= 0xFFFFFFFF
         before = options if w["field"] == "options" else flags
         bit = 0x200000 if w["bit"].endswith("SNGLKUP") else 0x400000
-        q1, q2 = _queries(rec, HDR + 48, buf2)
+        reply = _answer(rec[HDR + 64 + 2 * QLEN:HDR + 64 + 3 * QLEN]) if ans else None
         data = {"function": "send_dg", "field": w["field"], "bit": w["bit"], "before": before,
-                "value": before | bit, "statp": statp, "options": options, "flags": flags,
-                "q1": q1 if buf else None, "q2": q2,
-                "recvresp1": int(bool(answered & 1)), "recvresp2": int(bool(answered & 2))}
-        # recvresp1/2: the kernel matched each answer's id to the queries' ids (as send_dg
-        # does); the variables themselves are <optimized out>
+                "value": before | bit, "statp": statp, "options": options, "flags": flags}
         prov = {"field": "disassembly", "bit": "disassembly", "before": "memory",
-                "value": "inferred", "statp": "register", "q1": "memory", "q2": "memory",
-                "recvresp1": "inferred", "recvresp2": "inferred"}
+                "value": "inferred", "statp": "register"}
+        if reply:
+            data["answer"], prov["answer"] = reply, "memory"
+        if buf:
+            # send_dg's entry was probed: its queries as read there; which one the answer
+            # matched as the kernel kept it at each recvfrom (send_dg's recvresp1/2 are
+            # <optimized out>), else by the answer's id, as send_dg tests it
+            q1, q2 = _queries(rec, HDR + 64, buf2)
+            data.update(q1=q1, q2=q2)
+            prov.update(q1="memory", q2="memory")
+            if not answered and reply:
+                answered = (1 if q1 and q1["id"] == reply["id"] else 0) | \
+                           (2 if q2 and q2["id"] == reply["id"] else 0)
+        else:
+            # no entry probe yet (healthy until now): the queries are reconstructed from
+            # the one answer — getaddrinfo's pair is A then AAAA, same name
+            q1, q2, answered = _pair_from(reply)
+            data.update(q1=q1, q2=q2)
+            prov.update(q1="inferred", q2="inferred")
+        data.update(recvresp1=int(bool(answered & 1)), recvresp2=int(bool(answered & 2)))
+        prov.update(recvresp1="inferred", recvresp2="inferred")
         return E.FLAG_WRITE, data, prov
 
     def _dg_ret(self, meta, rec):
         return E.SEND_DG_RETURN, {"function": "send_dg", "ret": _s32(self._value(rec))}, \
             {"ret": "register"}
+
+
+def _answer(raw: bytes) -> dict | None:
+    """The answer in send_dg's first buffer, when it is one: a response (QR) with a
+    question."""
+    h = parse_dns_header(raw)
+    if not h or not h["qr"] or not h["qdcount"]:
+        return None
+    qname, qtype = _question(b"\0\0" + raw[2:])
+    if not qname:
+        return None
+    return {"id": h["id"], "qname": qname, "qtype": qtype, "rcode": h["rcode"]}
+
+
+PAIR = ("A", "AAAA")
+
+
+def _pair_from(reply: dict | None) -> tuple[dict | None, dict | None, int]:
+    """(q1, q2, recvresp bits) of an A+AAAA pair, one of whose answers is ``reply``."""
+    if not reply or reply["qtype"] not in PAIR:
+        return None, None, 0
+    mine = {"id": reply["id"], "qname": reply["qname"], "qtype": reply["qtype"]}
+    other = {"id": None, "qname": reply["qname"], "qtype": PAIR[1 - PAIR.index(reply["qtype"])]}
+    return (mine, other, 1) if reply["qtype"] == "A" else (other, mine, 2)
 
 
 def _s32(v: int) -> int:

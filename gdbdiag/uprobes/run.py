@@ -3,7 +3,8 @@ by gdbdiag, so no way the run ends can harm it.
 
     identify the target's glibc (its own root) -> analyze the code (no symbols needed)
     -> each thread's resolver state, read from /proc/PID/mem (already sticky?)
-    -> bpftrace attaches the uprobes (the kernel owns them) -> records -> the core's
+    -> the writer uprobes are attached (the kernel owns them; the rest once a thread is
+       detailed) -> records -> the core's
        detector -> findings as they happen; at a doomed poll the blocked stack is
        unwound from /proc/PID/mem while the thread waits -> report.
 """
@@ -67,9 +68,10 @@ class UprobeRun:
         field = self.analysis.get("sticky_field")
         self.det = Detector(flag_probe=bool(plan.writers), sticky_field=field,
                             resolv_conf_single_request=resolv_conf_single_request(self.pid))
-        self._status()
+        # the writers first, then each thread's state: a thread that turns sticky in
+        # between is seen by both, never by neither
         self.owner = Probes(plan, self.mode)
-        if any(t.sticky for t in self.det.threads.values()):
+        if not self._status() or any(t.sticky for t in self.det.threads.values()):
             self._attach_late()
         self.decoder = Decoder(self.owner.record_kinds, plan.writers,
                                time.time() - time.monotonic(), self._name)
@@ -80,8 +82,8 @@ class UprobeRun:
         self.late_done = True
         try:
             self.owner.attach_late()
-        except Exception as exc:                # the diagnosis stands without names
-            self.say(f"gdbdiag: getaddrinfo probe not attached ({exc})")
+        except Exception as exc:                # the writers' findings stand
+            self.say(f"gdbdiag: send_dg's step probes not attached ({exc})")
 
     def _name(self, tid: int) -> str | None:
         if tid not in self._names:
@@ -92,7 +94,7 @@ class UprobeRun:
                 self._names[tid] = None
         return self._names[tid]
 
-    def _status(self) -> None:
+    def _status(self) -> bool:
         """Each thread's options/_flags now, without stopping it (its TLS found by walking
         glibc's thread list in /proc/PID/mem)."""
         from ..passive import PassiveError, PassiveSampler
@@ -100,9 +102,9 @@ class UprobeRun:
             with PassiveSampler(self.pid) as smp:
                 samples = smp.sample()
         except PassiveError as exc:
-            self.say(f"gdbdiag: threads' resolver state not read ({exc}); sticky threads show "
-                     "up at their next lookup")
-            return
+            self.say(f"gdbdiag: threads' resolver state not read ({exc}); every probe is "
+                     "attached now, so sticky threads show up at their next lookup")
+            return False
         for s in samples:
             if s.options is None:
                 continue
@@ -110,6 +112,7 @@ class UprobeRun:
                          data={"thread_name": s.name, "options": s.options, "flags": s.flags},
                          prov={"options": "memory", "flags": "memory"})
             self._feed(ev)
+        return True
 
     # -- the run -----------------------------------------------------------------------------
     def _feed(self, ev: E.Event) -> list[E.Event]:
@@ -172,7 +175,7 @@ class UprobeRun:
 
     def pump(self, wait: float = 0.1) -> None:
         if wait:
-            time.sleep(wait)
+            self.owner.wait(wait)
         for rec in self.owner.records():
             self.records_seen += 1
             try:
