@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import shutil
 import signal
 import statistics
@@ -25,7 +26,9 @@ from .errors import EXIT_OK
 from .lab import container
 
 # uprobe-*: the kernel-probe backend (the default of attach); gdb-*: --backend gdb
-MODES = ("unarmed", "uprobe-armed", "uprobe-lean", "uprobe-full", "passive", "gdb-armed",
+# unarmed-again: a second phase with no tool at all, measured like a mode: its ratio to
+# unarmed is this machine's noise floor in the same run (an A/A control)
+MODES = ("unarmed", "unarmed-again", "uprobe-armed", "uprobe-lean", "uprobe-full", "passive", "gdb-armed",
          "gdb-lean", "strace", "ebpf")
 DETECT_MODES = ("uprobe-armed", "uprobe-lean", "passive")
 RECORDS = ("keydb-0.keydb=A:10.244.1.9", "keydb-0.keydb=AAAA:fd00::9")
@@ -191,9 +194,9 @@ def bench_latency(release, rounds, secs, log, modes=MODES) -> dict:
         busy = {m: [] for m in modes}
         target = {m: [] for m in modes}
         for r in range(rounds):
-            for m in modes:
+            for m in _order(modes, r):
                 tool = Tool(m, lab.pid)
-                if m != "unarmed":
+                if not m.startswith("unarmed"):
                     tool.start()
                 t0, c0, p0 = time.time(), _busy_cpu_s(), _proc_cpu_s(lab.pid)
                 time.sleep(secs)
@@ -211,6 +214,14 @@ def bench_latency(release, rounds, secs, log, modes=MODES) -> dict:
         return out
     finally:
         container.down(name)
+
+
+def _order(modes: tuple, r: int) -> list:
+    """Round ``r``'s order of the modes: shuffled (seeded, so a run can be repeated), so
+    that no mode always follows another or always runs first in a round."""
+    out = list(modes)
+    random.Random(r).shuffle(out)
+    return out
 
 
 def _latency_figures(recs: list[dict], windows: dict, busy: dict, modes) -> dict:
@@ -243,21 +254,22 @@ def bench_throughput(release, rounds, secs, log) -> dict:
     lab = container.up(container.LabSpec(name=name, release=release, workload="redis",
                                          fault="none", records=RECORDS))
     try:
-        counts = {m: [] for m in ("unarmed", "uprobe-armed", "uprobe-lean", "uprobe-full", "passive")}
+        counts = {m: [] for m in ("unarmed", "unarmed-again", "uprobe-armed", "uprobe-lean",
+                                  "uprobe-full", "passive")}
         for r in range(rounds):
-            for m in counts:
+            for m in _order(tuple(counts), r):
                 tool = Tool(m, lab.pid)
-                if m != "unarmed":
+                if not m.startswith("unarmed"):
                     tool.start()
                 recs = lab.probe(seconds=secs, interval=0.0)
                 tool.stop()
                 ok = [x for x in recs if "error" not in x]
                 counts[m].append(len(ok) / secs)
                 log(f"   round {r + 1} {m:8} {len(ok) / secs:8.0f} GET/s")
-        out = {m: {"gets_per_s": round(statistics.median(v), 1)} for m, v in counts.items()}
-        for m in out:
-            out[m]["ratio"] = round(out[m]["gets_per_s"] / out["unarmed"]["gets_per_s"], 3)
-        return out
+        # each round's rate over the same round's unarmed one, median over rounds
+        return {m: {"gets_per_s": round(statistics.median(v), 1),
+                    "ratio": round(statistics.median(a / b for a, b in zip(v, counts["unarmed"]) if b), 3)}
+                for m, v in counts.items()}
     finally:
         container.down(name)
 

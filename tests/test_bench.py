@@ -17,7 +17,7 @@ def test_bench_runs_and_reports_every_figure(tmp_path):
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(out.read_text())
-    modes = ("uprobe-armed", "uprobe-lean", "uprobe-full", "passive", "strace", "ebpf")
+    modes = ("unarmed-again", "uprobe-armed", "uprobe-lean", "uprobe-full", "passive", "strace", "ebpf")
     for key in [f"overhead_ratio_{m}" for m in modes] + [
             "attach_to_armed_warm_s", "attach_to_armed_cold_s", "sticky_report_delay_ms",
             "doomed_poll_report_lead_ms"]:
