@@ -7,8 +7,6 @@ libc is compared with the container's libc, never the host's.
 """
 from __future__ import annotations
 
-import os
-
 
 def exec_mappings(pid: int) -> list[dict]:
     out = []
@@ -50,8 +48,3 @@ def diff_code(pid: int, only: tuple[str, ...] | None = None, limit: int = 20) ->
                     if len(diffs) >= limit:
                         return diffs
     return diffs
-
-
-def checked_objects(pid: int, only=("libc", "libresolv", "libnss_dns")) -> list[str]:
-    return sorted({os.path.basename(m["path"]) for m in exec_mappings(pid)
-                   if any(s in m["path"] for s in only)})

@@ -16,12 +16,14 @@ from pathlib import Path
 
 import pexpect
 
+from .errors import GdbdiagError
+
 LOADER = Path(__file__).resolve().parent / "gdb" / "loader.py"
 PROMPT = "(gdbdiag-gdb) "
 _PROMPT_RE = re.escape(PROMPT)
 
 
-class GdbError(RuntimeError):
+class GdbError(GdbdiagError, RuntimeError):
     pass
 
 

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import signal
-import sys
 import time
 
 from tabulate import tabulate
 
-from .errors import EXIT_OK, EXIT_TOOL
+from .errors import EXIT_OK
 from .lab import container
-from .lab.errors import LabError
 from .lab.probe import summarize
 
 
@@ -135,9 +133,6 @@ def run(args) -> int:
                 json.dump({"lab": lab.summary(), "probe": probe, "summary": s, "dns": dns},
                           fh, indent=1)
         return EXIT_OK
-    except LabError as e:
-        print(f"gdbdiag replay: {e}", file=sys.stderr)
-        return EXIT_TOOL
     finally:
         if "runner" in locals() and runner is not None and runner["p"].poll() is None:
             runner["p"].send_signal(signal.SIGINT)

@@ -10,9 +10,6 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass, field
 
-ERROR = {"SERVFAIL", "REFUSED", "NOTIMP"}
-
-
 @dataclass
 class Mark:
     t: float

@@ -30,6 +30,7 @@ from elftools.dwarf.callframe import FDE, CallFrameInfo
 from elftools.dwarf.structs import DWARFStructs
 from elftools.elf.elffile import ELFFile
 
+from .errors import GdbdiagError
 from .glibc.elfscan import leb128
 from .passive import PassiveError, ProcMem
 from .symbols.elfinfo import read_build_id
@@ -47,7 +48,7 @@ FP_MAX_FRAME = 1 << 20                   # rbp must lie within 1 MiB above rsp f
 OUTERMOST = "outermost"
 
 
-class UnwindError(Exception):
+class UnwindError(GdbdiagError):
     """The process cannot be unwound at all (gone, no permission): one-line reason."""
 
 

@@ -26,7 +26,7 @@ from gdbdiag.symbols.cache import SymbolCache
 from gdbdiag.symbols.debdata import load_data
 from gdbdiag.symbols.identify import identify_root
 from gdbdiag.symbols.sources import Settings, fetch_symbols
-from gdbdiag.symbols.testing import TEST_CACHE, rootfs
+from support.symbols import TEST_CACHE, rootfs
 
 LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
 LIBRESOLV = "/lib/x86_64-linux-gnu/libresolv.so.2"

@@ -191,7 +191,7 @@ def test_header_only_error_answer_is_ignored_by_an_unfixed_glibc():
     assert [f.kind for f in found] == [E.STICKY_ENGAGED, E.DOOMED_POLL, E.STALL]
     assert "31890" in found[1].get("reason")
     assert det.threads[LWP].shadow.ignored_answers == 1
-    det2, found2 = run(s, accepts_header_only=True)
+    _det2, found2 = run(s, accepts_header_only=True)
     assert [f.kind for f in found2] == [E.STICKY_ENGAGED, E.DOOMED_POLL, E.STALL]
     assert "never sent" in found2[1].get("reason")
 

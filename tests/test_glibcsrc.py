@@ -16,9 +16,9 @@ import pytest
 
 from gdbdiag.symbols import glibcsrc as G
 from gdbdiag.symbols.cache import SymbolCache
-from gdbdiag.symbols.net import http_download, http_get
-from gdbdiag.symbols.sources import Context, DebianArchive, Settings
-from gdbdiag.symbols.testing import TEST_CACHE, blackhole, serve_dir
+from gdbdiag.symbols.net import http_download
+from gdbdiag.symbols.archive import Context, DebianArchive, Settings
+from support.symbols import TEST_CACHE, blackhole, inrelease, serve_dir
 
 pytestmark = pytest.mark.slow
 
@@ -119,7 +119,7 @@ def test_dwarf_line_of_sticky_write(rel):
     from gdbdiag.glibc.analyzer import analyze_object
     from gdbdiag.symbols.identify import identify_root
     from gdbdiag.symbols.sources import fetch_symbols
-    from gdbdiag.symbols.testing import rootfs
+    from support.symbols import rootfs
 
     ident = identify_root(rootfs(rel))
     tree = G.fetch_source(ident.package_version, _settings(), cache_dir=PERSIST)
@@ -223,23 +223,57 @@ def test_highlight(tree, monkeypatch):
 # ---------------------------------------------------------------------------------
 # patches (no network)
 # ---------------------------------------------------------------------------------
-def test_split_and_apply_patch_py():
+def test_split_patch():
     patch = ("Some description\n--- a/resolv/x.c\n+++ b/resolv/x.c\n@@ -1,3 +1,3 @@\n one\n"
              "--- two is a removed line that looks like a header\n+++ two, added\n three\n"
              "--- /dev/null\n+++ b/resolv/new.c\n@@ -0,0 +1,2 @@\n+a\n+b\n"
-             "--- glibc.orig/elsewhere/y.c\n+++ glibc/elsewhere/y.c\n@@ -5 +5 @@\n-x\n+y\n")
+             "--- glibc.orig/elsewhere/y.c\t2020-01-01 00:00:00.000000000 +0000\n"
+             "+++ glibc/elsewhere/y.c  2020-01-01 00:00:00.000000000 +0000\n@@ -5 +5 @@\n-x\n+y\n")
     fps = G.split_patch(patch)
     assert [(f.old, f.new) for f in fps] == [("resolv/x.c", "resolv/x.c"), (None, "resolv/new.c"),
                                             ("elsewhere/y.c", "elsewhere/y.c")]
-    src = "zero\none\n-- two is a removed line that looks like a header\nthree\n"
-    assert G.apply_patch_py(fps[0], src) == "zero\none\n++ two, added\nthree\n"   # found at an offset
-    assert G.apply_patch_py(fps[1], None) == "a\nb\n"
-    with pytest.raises(ValueError):
-        G.apply_patch_py(fps[0], "one\nthree\n")
-    # form feeds are not line ends (glibc has them; str.splitlines would miscount)
-    ff = "a\n\x0c\nb\n"
-    fp = G.split_patch("--- a/f\n+++ b/f\n@@ -2,2 +2,2 @@\n \x0c\n-b\n+c\n")[0]
-    assert G.apply_patch_py(fp, ff) == "a\n\x0c\nc\n"
+    assert fps[0].render() == ("--- a/resolv/x.c\n+++ b/resolv/x.c\n@@ -1,3 +1,3 @@\n one\n"
+                               "--- two is a removed line that looks like a header\n+++ two, added\n three\n")
+    assert fps[1].render().startswith("--- /dev/null\n+++ b/resolv/new.c\n@@ -0,0 +1,2 @@")
+    # binary sections change no text: left out
+    assert G.split_patch("diff --git a/i.png b/i.png\nindex 1..2 100644\n"
+                         "Binary files a/i.png and b/i.png differ\n") == []
+    with pytest.raises(ValueError, match="unparsable"):
+        G.split_patch("--- a/x\n+++ b/x\n@@ -1,3 +1,3 @@\n-one\n+two\n@@ garbage\n")
+    assert G.parse_series("# comment\nfirst.diff\n\nsecond.diff -p0  # why\n") == [
+        ("first.diff", 1), ("second.diff", 0)]
+
+
+def test_patcher_gnu_patch(tmp_path):
+    """The series applied with GNU patch: exact context found at an offset, form feeds
+    (not line ends), a created file; skipped when no extracted file is touched; a patch
+    that does not apply whole is applied file by file, the rest reported."""
+    root = tmp_path / "entry" / "tree"
+    (root / "resolv").mkdir(parents=True)
+    (root / "resolv/x.c").write_text("zero\none\n-- two\nthree\n")
+    (root / "resolv/ff.c").write_text("a\n\x0c\nb\n")
+    (root / "resolv/z.c").write_text("keep\n")
+    pt = G.Patcher(str(root))
+    pt.series("offset.diff", "--- a/resolv/x.c\n+++ b/resolv/x.c\n@@ -1,3 +1,3 @@\n one\n--- two\n+++ two\n three\n", 1)
+    pt.series("ff.diff", "--- a/resolv/ff.c\n+++ b/resolv/ff.c\n@@ -2,2 +2,2 @@\n \x0c\n-b\n+c\n", 1)
+    pt.series("new.diff", "--- /dev/null\n+++ b/resolv/new.c\n@@ -0,0 +1,2 @@\n+a\n+b\n", 1)
+    pt.series("elsewhere.diff", "--- a/elsewhere/y.c\n+++ b/elsewhere/y.c\n@@ -5 +5 @@\n-x\n+y\n", 1)
+    half = ("--- a/resolv/z.c\n+++ b/resolv/z.c\n@@ -1 +1 @@\n-keep\n+kept\n"
+            "--- a/resolv/x.c\n+++ b/resolv/x.c\n@@ -1 +1 @@\n-no such line\n+x\n")
+    pt.series("half.diff", half, 1)
+    pt.missing("gone.diff")
+    assert (root / "resolv/x.c").read_text() == "zero\none\n++ two\nthree\n"
+    assert (root / "resolv/ff.c").read_text() == "a\n\x0c\nc\n"
+    assert (root / "resolv/new.c").read_text() == "a\nb\n"
+    assert (root / "resolv/z.c").read_text() == "kept\n"
+    assert pt.applied == ["offset.diff", "ff.diff", "new.diff"] and pt.skipped == ["elsewhere.diff"]
+    assert [f["patch"] for f in pt.failed] == ["half.diff", "gone.diff"]
+    assert pt.failed[0]["files"] == ["resolv/x.c"] and pt.failed[0]["applied_files"] == ["resolv/z.c"]
+    assert "\n" not in pt.failed[0]["reason"] and pt.failed[0]["reason"]
+    assert pt.touched == {"resolv/x.c": ["offset.diff"], "resolv/ff.c": ["ff.diff"],
+                          "resolv/new.c": ["new.diff"], "resolv/z.c": ["half.diff"]}
+    assert sorted(os.listdir(tmp_path / "entry")) == ["tree"]          # no patch file left behind
+    assert not [f for f in os.listdir(root / "resolv") if f.endswith((".orig", ".rej"))]
 
 
 # ---------------------------------------------------------------------------------
@@ -259,19 +293,9 @@ def _atomic_copy_url(url, dest, sha=None):
 
 def _suite_snapshot(base, suite):
     """A consistent (InRelease, Sources.xz) pair of ``suite``, kept in ROOT/mirror-src."""
-    from debian import deb822
-
     ref = os.path.join(ROOT, "mirror-src", suite)
-    inrel = os.path.join(ref, "InRelease")
     for attempt in range(2):
-        if attempt or not os.path.isfile(inrel):
-            os.makedirs(ref, exist_ok=True)
-            data = http_get(f"{base}/dists/{suite}/InRelease", timeout=60)
-            with open(inrel + ".part", "wb") as f:
-                f.write(data)
-            os.replace(inrel + ".part", inrel)
-        with open(inrel, "rb") as f:
-            rel = deb822.Release(f.read().decode())
+        inrel, rel = inrelease(base, suite, ref, refresh=bool(attempt))
         e = next(x for x in rel["SHA256"] if x["name"] == "main/source/Sources.xz")
         try:
             src = _atomic_copy_url(f"{base}/dists/{suite}/main/source/by-hash/SHA256/{e['sha256']}",
@@ -337,10 +361,9 @@ def _seeded(path, frm):
 
 @pytest.fixture(scope="module")
 def local_cache(local_archive, tmp_path_factory):
-    """BULLSEYE fetched from the local archive into an EMPTY cache, with the Python patch
-    applier (the persistent trees use GNU patch when it is installed)."""
+    """BULLSEYE fetched from the local archive into an EMPTY cache."""
     c = str(tmp_path_factory.mktemp("cache"))
-    t = G.fetch_source(BULLSEYE, _local_settings(local_archive), cache_dir=c, use_gnu_patch=False)
+    t = G.fetch_source(BULLSEYE, _local_settings(local_archive), cache_dir=c)
     return c, t
 
 
@@ -349,8 +372,8 @@ def test_local_archive_from_empty_cache(local_archive, local_cache):
     ref = G.fetch_source(BULLSEYE, _settings(), cache_dir=PERSIST)
     d = G.describe(t)
     assert d["origin"] == f"debian {local_archive['suite']}/main glibc {BULLSEYE}"
-    assert d["patch_tool"].startswith("python") and d["patches_failed"] == []
-    # the same tree, byte for byte, whichever mirror and patch tool
+    assert d["patch_tool"] == "GNU patch -F0" and d["patches_failed"] == []
+    # the same tree, byte for byte, whichever mirror
     assert t.meta["manifest"] == ref.meta["manifest"]
     assert d["patches_applied"] == G.describe(ref)["patches_applied"]
     assert os.listdir(os.path.join(c, "source", "glibc")) == [BULLSEYE]

@@ -8,13 +8,12 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import pytest
 
-from gdbdiag.lab import container, leftovers
+from gdbdiag.lab import leftovers, procs
 from gdbdiag.lab.rootfs import ensure_release
 
 pytestmark = pytest.mark.lab
@@ -181,7 +180,7 @@ def test_lab_cli_up_json_and_down_leave_nothing(tmp_path):
     assert r.returncode == 0, r.stderr
     assert leftovers(name) == []
     # the workload is gone (at most a zombie until the host's init reaps it)
-    assert not container._pid_alive(desc["pid"])
+    assert not procs.pid_alive(desc["pid"])
 
 
 def test_bad_inputs_get_one_line_causes():

@@ -224,3 +224,71 @@ def test_with_symbols_analyzer_probe_points_equal_dwarf_and_symtab(lab_factory, 
     out = g.cmd("resolv trace")
     assert "DWARF for enrichment" in out and "DISAGREE" not in out
     _untrace_clean(g, lab.pid)
+
+
+# -- the plugin's commands: preconditions, live settings, tracebacks, completion -----------
+VERBOSE_RE = re.compile(r"LWP \d+ \(res-keydb-0\) getaddrinfo \{'function': 'getaddrinfo'")
+
+
+def _completions(g, line: str) -> list[str]:
+    return [ln.strip() for ln in g.cmd(f"complete {line}").splitlines()
+            if ln.strip().startswith(line.split()[0]) and not ln.startswith("complete ")]
+
+
+def test_commands_guards_live_settings_tracebacks_and_completion(lab_factory, gdb_nosym, tmp_path):
+    lab = lab_factory(release="bullseye", workload="resolver", names=("keydb-0.keydb",),
+                      fault="none", interval=0.3)
+    time.sleep(1.0)
+    g = gdb_nosym(lab.pid)
+
+    # file names complete after the options that take a file; option names after "-"
+    d = tmp_path / "files"
+    d.mkdir()
+    for n in ("rec-one.jsonl", "rec-two.jsonl", "other.json"):
+        (d / n).write_text("")
+    assert sorted(_completions(g, f"resolv trace --record {d}/rec-")) == [
+        f"resolv trace --record {d}/rec-one.jsonl", f"resolv trace --record {d}/rec-two.jsonl"]
+    assert _completions(g, f"resolv report --timeline x --json {d}/oth") == [
+        f"resolv report --timeline x --json {d}/other.json"]
+    assert _completions(g, f"resolv trace --step-log {d}/oth") == [f"resolv trace --step-log {d}/other.json"]
+    assert _completions(g, "resolv trace --rec") == ["resolv trace --record"]
+    assert _completions(g, "resolv status --js") == ["resolv status --json"]
+    assert _completions(g, f"resolv status --json {d}/oth") == []       # a flag: no file follows
+
+    # preconditions, checked before anything is done
+    out = g.cmd("resolv trace")
+    assert re.search(r"armed \d+ probes \(armed mode", out), out
+    assert "already tracing: `resolv untrace` first" in g.cmd("resolv trace --lean")
+    assert "tracing: `resolv untrace` before reloading symbols" in g.cmd("resolv symbols --offline")
+
+    # `set resolv verbose` takes effect while the trace runs, both ways
+    g.cont()
+    assert not VERBOSE_RE.search(g.drain(2.0))
+    loud = g.cmd("set resolv verbose on") + g.drain(2.0)
+    assert VERBOSE_RE.search(loud), loud[-2000:]
+    g.cmd("set resolv verbose off")
+    g.drain(0.5)                                # a line already on its way
+    assert not VERBOSE_RE.search(g.drain(2.0))
+
+    # a probe that fails: one line, the target continues; `set resolv traceback on`
+    # (while running) adds the full traceback
+    g.interrupt()
+    g.cmd("python import gdbdiag.gdb.session as S; [setattr(p, 'reader', lambda probe: 1 // 0) "
+          "for p in S.TraceSession.current.probes if p.label == 'getaddrinfo']")
+    g.cont()
+    short = g.drain(2.0)
+    assert re.search(r"probe error \(target continues\): getaddrinfo at 0x[0-9a-f]+: ZeroDivisionError: "
+                     r"integer division or modulo by zero", short), short[-2000:]
+    assert "Traceback" not in short
+    full = g.cmd("set resolv traceback on") + g.drain(2.0)
+    assert "Traceback (most recent call last):" in full and "in <lambda>" in full, full[-2000:]
+    assert "ZeroDivisionError: integer division or modulo by zero" in full
+    g.interrupt()
+    assert lab.workload_records()[-1]["t"] > time.time() - 5       # the target kept going
+    _untrace_clean(g, lab.pid)
+
+    # not attached: every command that needs a process says so, in one line
+    g.cmd("detach")
+    for c in ("resolv status", "resolv trace", "resolv probes", "resolv report", "resolv symbols"):
+        out = [ln.strip() for ln in g.cmd(c).splitlines() if ln.strip() and ln.strip() != c]   # less the echo
+        assert out == ["no process: attach to one first (attach PID)"], (c, out)

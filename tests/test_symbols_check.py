@@ -10,7 +10,7 @@ import pytest
 from gdbdiag.symbols import analyze, debdata
 from gdbdiag.symbols.cache import SymbolCache
 from gdbdiag.symbols.identify import identify_root
-from gdbdiag.symbols.testing import TEST_CACHE, rootfs
+from support.symbols import TEST_CACHE, rootfs
 
 EXPECT = {"bullseye": (True, "options", "libresolv.so.2"),
           "bookworm": (False, "_flags", "libc.so.6"),
@@ -79,7 +79,7 @@ def test_fix_regex_on_real_hunks():
 def test_cli_check_exit_codes(rel, tmp_path):
     t = _ident(rel)
     out = tmp_path / "c.json"
-    p = subprocess.run([sys.executable, "-m", "gdbdiag.symbols.cli", "check", "--file",
+    p = subprocess.run([sys.executable, "-m", "gdbdiag.cli", "check", "--file",
                         "/lib/x86_64-linux-gnu/libc.so.6", "--root", t.root, "--json", str(out)],
                        capture_output=True, text=True, timeout=60)
     affected = EXPECT[rel][0]
@@ -94,7 +94,7 @@ def test_refresh_build_entry_from_code():
     """The refresher's analysis of one build, from the real archive: send_dg's object and the
     sticky field from gdb on the verified debug files, 30081 from the source Debian built."""
     from gdbdiag.symbols import refresh
-    from gdbdiag.symbols.sources import Context, DebianArchive, Settings
+    from gdbdiag.symbols.archive import Context, DebianArchive, Settings
 
     t = _ident("bookworm")
     s = Settings(timeout=60, progress=False)

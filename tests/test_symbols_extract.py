@@ -6,7 +6,7 @@ import pytest
 
 from gdbdiag.symbols import extract
 from gdbdiag.symbols.identify import identify_root
-from gdbdiag.symbols.testing import build_deb, extract_debug_files, real_deb, rootfs
+from support.symbols import build_deb, extract_debug_files, real_deb, rootfs
 
 pytestmark = pytest.mark.slow
 

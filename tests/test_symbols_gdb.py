@@ -3,7 +3,6 @@ must load the target's own glibc with our verified debug files, resolve send_dg 
 right object and read _res.  The traced process and gdb always end in teardown."""
 import os
 import select
-import shutil
 import subprocess
 
 import pytest
@@ -12,7 +11,7 @@ from gdbdiag.symbols import gdbload
 from gdbdiag.symbols.cache import SymbolCache
 from gdbdiag.symbols.identify import identify_process
 from gdbdiag.symbols.sources import Settings, fetch_symbols
-from gdbdiag.symbols.testing import TEST_CACHE, rootfs
+from support.symbols import TEST_CACHE, rootfs
 
 pytestmark = [pytest.mark.slow]      # root (chroot, ptrace) and gdb: scripts/setup provides both
 

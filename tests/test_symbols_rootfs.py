@@ -7,7 +7,7 @@ import pytest
 
 from gdbdiag.symbols import identify as I
 from gdbdiag.symbols.rootfs import EscapeError, SafeRoot
-from gdbdiag.symbols.testing import rootfs
+from support.symbols import rootfs
 
 RELS = ["bullseye", "bookworm", "trixie"]
 EXPECT = {  # upstream glibc, objects holding the resolver
@@ -141,3 +141,40 @@ def test_identify_errors(tmp_path):
         I.identify_file(str(tmp_path / "x"))
     with pytest.raises(I.IdentifyError):
         I.identify_process(2 ** 22 + 12345)
+
+
+@pytest.mark.parametrize("content", [b"not an ELF file\n", b"\x7fELF" + b"\0" * 12])
+@pytest.mark.parametrize("command", ["symbols", "check"])
+def test_cli_root_whose_libc_is_not_elf(tmp_path, content, command):
+    """`gdbdiag symbols|check --root DIR` on a root whose libc.so.6 is no ELF object: one
+    line naming the file, exit status 2, nothing written (no cache, the root unchanged)."""
+    import subprocess
+    import sys
+
+    from support.symbols import tree_snapshot
+
+    r = tmp_path / "root"
+    (r / "lib/x86_64-linux-gnu").mkdir(parents=True)
+    (r / "etc").mkdir()
+    (r / "etc/os-release").write_text("ID=debian\nVERSION_CODENAME=bullseye\n")
+    (r / "lib/x86_64-linux-gnu/libc.so.6").write_bytes(content)
+    os.symlink("x86_64-linux-gnu/libc.so.6", r / "lib/libc.so.6")
+    before = tree_snapshot(str(r))
+    cache = tmp_path / "cache"
+    with pytest.raises(I.IdentifyError, match="libc.so.6 at /lib/x86_64-linux-gnu/libc.so.6"):
+        I.identify_root(str(r))
+    argv = [sys.executable, "-m", "gdbdiag.cli", command, "--root", str(r)]
+    if command == "symbols":
+        argv += ["--cache", str(cache), "--offline"]
+    env = {k: v for k, v in os.environ.items() if k != "GDBDIAG_TRACEBACK"}
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert lines[0].startswith(f"gdbdiag {command}: libc.so.6 at /lib/x86_64-linux-gnu/libc.so.6 in {r}")
+    assert "not an ELF file" in lines[0] and p.stdout == ""
+    assert not cache.exists() and tree_snapshot(str(r)) == before
+    # the switch shows the whole traceback instead
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=dict(env, GDBDIAG_TRACEBACK="1"))
+    assert p.returncode == 2 and "Traceback (most recent call last)" in p.stderr
+    assert "IdentifyError: libc.so.6 at" in p.stderr

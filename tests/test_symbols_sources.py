@@ -14,7 +14,7 @@ from gdbdiag.symbols import sources as S
 from gdbdiag.symbols.cache import SymbolCache
 from gdbdiag.symbols.elfinfo import read_build_id
 from gdbdiag.symbols.identify import identify_file, identify_root
-from gdbdiag.symbols.testing import (TEST_CACHE, blackhole, build_deb, debian_mirror, extract_debug_files,
+from support.symbols import (TEST_CACHE, blackhole, build_deb, debian_mirror, extract_debug_files,
                                      real_deb, rootfs, serve_dir, tree_snapshot)
 
 pytestmark = pytest.mark.slow
@@ -102,7 +102,7 @@ def test_cli_symbols_offline_json(tmp_path):
     r = _rootfs("bullseye")
     cache = tmp_path / "cache"
     out = tmp_path / "out.json"
-    cli = [sys.executable, "-m", "gdbdiag.symbols.cli", "symbols", "--file", "/lib/x86_64-linux-gnu/libc.so.6",
+    cli = [sys.executable, "-m", "gdbdiag.cli", "symbols", "--file", "/lib/x86_64-linux-gnu/libc.so.6",
            "--root", r, "--cache", str(cache), "--json", str(out)]
     p = subprocess.run(cli + ["--offline"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "not in the cache (--offline)" in p.stdout
@@ -367,7 +367,7 @@ def test_cli_ubuntu_and_debuginfod_end_to_end(fixtures, tmp_path):
                   ["--sources", "debuginfod", "--debuginfod-url", f"{url}/debuginfod"]):
         out = tmp_path / "o.json"
         cache = tmp_path / ("c" + extra[1])
-        p = subprocess.run([sys.executable, "-m", "gdbdiag.symbols.cli", "symbols", "--root", r, "--cache", str(cache),
+        p = subprocess.run([sys.executable, "-m", "gdbdiag.cli", "symbols", "--root", r, "--cache", str(cache),
                             "--json", str(out), "--no-progress", "--timeout", "10"] + extra,
                            capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stdout + p.stderr

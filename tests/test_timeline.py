@@ -5,7 +5,6 @@ import json
 import subprocess
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 from gdbdiag.core import report as R

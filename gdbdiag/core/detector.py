@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from . import events as E
 from .events import Event
-from .flags import (ERROR_RCODES, decode_flags, decode_options, decode_poll, sticky_bits)
+from .flags import decode_flags, decode_options, decode_poll, sticky_bits
 from .shadow import Query, SendDgShadow
 
 

@@ -20,7 +20,7 @@ doomed poll of bug 30081 (the AAAA was never sent after the A's error answer).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .flags import ERROR_RCODES, POLLIN, POLLOUT, sticky_bits
 

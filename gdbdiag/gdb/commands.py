@@ -1,4 +1,10 @@
-"""`resolv …` commands (GEF-style registered classes, pwndbg-style argparse options)."""
+"""`resolv …` commands (GEF-style registered classes, pwndbg-style argparse options,
+preconditions as decorators: :mod:`.guards`), and the `set/show resolv …` settings.
+
+An error of gdbdiag's own (:class:`~gdbdiag.errors.GdbdiagError`) in a command is a
+one-line gdb error; `set resolv traceback on` prints its full traceback first.
+Arguments that name a file (``--json FILE``, ``--record FILE`` …) complete as file names.
+"""
 import argparse
 import json
 import os
@@ -11,7 +17,9 @@ from ..core import report as R
 from ..core.detector import Detector
 from ..core.events import Event
 from ..core import events as E
+from ..errors import EXIT_OK, GdbdiagError
 from . import session as S
+from .guards import attached_inferior, not_while_tracing, only_when_attached, setting, traceback_text
 
 COMMANDS = []
 
@@ -28,11 +36,39 @@ class _Parser(argparse.ArgumentParser):
     def exit(self, status=0, message=None):
         if message:
             gdb.write(message)
-        raise _Exit()
+        raise _Exit(message or "", status)
 
 
-class _Exit(Exception):
-    pass
+class _Exit(GdbdiagError):
+    """argparse is done (``--help``): the command ends without running."""
+
+    code = EXIT_OK
+
+
+#: metavars of the options whose value is a file or directory (completed as file names)
+PATH_METAVARS = ("FILE", "PATH", "DIR")
+
+
+def path_completions(prefix):
+    """The files and directories (with a trailing ``/``) whose path starts with ``prefix``."""
+    head, tail = os.path.split(prefix)
+    try:
+        names = os.listdir(os.path.expanduser(head) or ".")
+    except OSError:
+        return []
+    out = []
+    for n in sorted(names):
+        if n.startswith(tail) and (tail.startswith(".") or not n.startswith(".")):
+            p = os.path.join(head, n)
+            out.append(p + "/" if os.path.isdir(os.path.expanduser(p)) else p)
+    return out
+
+
+def show_traceback(exc):
+    """With `set resolv traceback on`, write ``exc``'s full traceback."""
+    tb = traceback_text(exc)
+    if tb:
+        gdb.write(tb)
 
 
 class ResolvCommand(gdb.Command):
@@ -46,6 +82,10 @@ class ResolvCommand(gdb.Command):
                               epilog=("examples:\n" + self.examples) if self.examples else None,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
         self.options(self.parser)
+        self.path_options = {o for a in self.parser._actions if a.option_strings and a.nargs != 0
+                             and a.metavar in PATH_METAVARS for o in a.option_strings}
+        self.option_names = sorted(o for a in self.parser._actions for o in a.option_strings
+                                   if o.startswith("--"))
         # gdb reads the class docstring when the command is created: `help resolv trace`
         type(self).__doc__ = self.summary + "\n\n" + self.parser.format_help()
         super().__init__(self.name, gdb.COMMAND_USER)
@@ -58,7 +98,37 @@ class ResolvCommand(gdb.Command):
             args = self.parser.parse_args(gdb.string_to_argv(arg))
         except _Exit:
             return
-        self.run(args)
+        try:
+            self.run(args)
+        except gdb.GdbError:
+            raise
+        except GdbdiagError as exc:
+            show_traceback(exc)
+            raise gdb.GdbError(exc.line) from None
+        except Exception as exc:
+            show_traceback(exc)
+            raise
+
+    def complete(self, text, word):
+        """File names after an option that takes a file (``--json FILE``); option names
+        for a word that starts with ``-``.
+
+        gdb calls this twice: first with ``word`` None, to learn how to break words (a
+        COMPLETE_ constant: file-name rules keep a path one word), then with its last
+        word.  gdb's own file-name completer reads the whole argument text (so it cannot
+        complete a path that follows an option): the names are listed here instead."""
+        parts = text.split()
+        current = "" if not text or text[-1].isspace() else parts[-1]
+        done = parts[:-1] if current else parts
+        after_path_option = bool(done) and done[-1] in self.path_options
+        if word is None:
+            return gdb.COMPLETE_FILENAME if after_path_option else []
+        cut = len(current) - len(word)        # gdb's word may be the token's tail
+        if after_path_option:
+            return [p[cut:] for p in path_completions(current)]
+        if current.startswith("-"):
+            return [o[cut:] for o in self.option_names if o.startswith(current)]
+        return []
 
     def run(self, args):
         raise gdb.GdbError("not a command")
@@ -82,13 +152,6 @@ resolv symbols   load matching debug symbols for this process's glibc"""
         gdb.execute("help resolv", from_tty)
 
 
-def _require_process():
-    inf = gdb.selected_inferior()
-    if inf is None or inf.pid == 0:
-        raise gdb.GdbError("no process: attach to one first (attach PID)")
-    return inf
-
-
 @command
 class ResolvStatus(ResolvCommand):
     name = "resolv status"
@@ -99,8 +162,8 @@ class ResolvStatus(ResolvCommand):
     def options(self, p):
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    @only_when_attached
     def run(self, args):
-        _require_process()
         sess = S.TraceSession.current
         offsets = sess.offsets if sess and sess.offsets else None
         rows = S.thread_states(offsets)
@@ -129,7 +192,7 @@ class ResolvStatus(ResolvCommand):
         mem = [o for o in out if o["provenance"] == "memory" and o["options"] is not None]
         if mem:
             gdb.write("(options/_flags of %d thread(s) read from /proc/%d/mem without debug "
-                      "symbols: provenance memory)\n" % (len(mem), _require_process().pid))
+                      "symbols: provenance memory)\n" % (len(mem), attached_inferior().pid))
         bad = [o for o in out if o.get("error")]
         if bad:
             gdb.write("(%d thread(s) unreadable: %s — is the target's libthread_db loaded? "
@@ -172,17 +235,16 @@ class ResolvTrace(ResolvCommand):
         p.add_argument("--step-log", metavar="FILE",
                        help="write every step's dump to FILE without stopping (batch runs)")
 
+    @only_when_attached
+    @not_while_tracing("already tracing: `resolv untrace` first")
     def run(self, args):
-        _require_process()
-        if S.TraceSession.current is not None and S.TraceSession.current.probes:
-            raise gdb.GdbError("already tracing: `resolv untrace` first")
-        step = args.step if args.step is not None else bool(gdb.parameter("resolv step"))
-        names = args.names or (gdb.parameter("resolv names") or None)
-        sess = S.TraceSession(step=step, thread=args.thread, names=names, lean=args.lean,
+        # step decides which probes are armed: read once, here; verbose, names and
+        # color are read by the session whenever a probe fires (`set` works at once)
+        step = args.step if args.step is not None else bool(setting("resolv step", False))
+        sess = S.TraceSession(step=step, thread=args.thread, names=args.names, lean=args.lean,
                               record=args.record, step_log=args.step_log,
                               source=not args.no_source, full=args.full,
-                              verbose=args.verbose or bool(gdb.parameter("resolv verbose")))
-        sess.color = bool(gdb.parameter("resolv color"))
+                              verbose=True if args.verbose else None)
         S.TraceSession.current = sess
         sess.start()
 
@@ -208,6 +270,7 @@ class ResolvReport(ResolvCommand):
         p.add_argument("--json", metavar="FILE", help="write the JSON report (schema %s)" % R.SCHEMA)
         p.add_argument("--timeline", metavar="FILE", help="write an HTML timeline")
 
+    @only_when_attached
     def run(self, args):
         from ..timeline import terminal
         rep = current_report()
@@ -224,7 +287,7 @@ class ResolvReport(ResolvCommand):
 
 
 def current_report(include_observations=True):
-    inf = _require_process()
+    inf = attached_inferior()
     sess = S.TraceSession.current
     det = sess.detector if sess and sess.detector else Detector()
     if not (sess and sess.detector):
@@ -270,9 +333,9 @@ class ResolvProbes(ResolvCommand):
         p.add_argument("--json", action="store_true")
         p.add_argument("--detail", action="store_true", help="per-probe availability of every local")
 
+    @only_when_attached
     def run(self, args):
         from . import analysis as A
-        _require_process()
         r = A.analyse(detail=args.detail)
         if args.json:
             gdb.write(json.dumps(r, indent=1, default=str) + "\n")
@@ -307,10 +370,15 @@ def register_parameters():
     for verb in ("set", "show"):
         params.append(ResolvPrefix(verb))
     for name, kind, doc, default in (
-            ("resolv step", gdb.PARAM_BOOLEAN, "Stop at every traced step and print its dump.", False),
-            ("resolv verbose", gdb.PARAM_BOOLEAN, "Print every observation while tracing.", False),
-            ("resolv names", gdb.PARAM_STRING, "Trace only lookups matching this glob.", ""),
-            ("resolv color", gdb.PARAM_BOOLEAN, "Colour the output (pygments).", True)):
+            ("resolv step", gdb.PARAM_BOOLEAN, "Stop at every traced step and print its dump "
+             "(decides which probes are armed: takes effect at the next `resolv trace`).", False),
+            ("resolv verbose", gdb.PARAM_BOOLEAN, "Print every observation while tracing "
+             "(at once, also during a trace).", False),
+            ("resolv names", gdb.PARAM_STRING, "Trace only lookups matching this glob, unless "
+             "`resolv trace --names` gave one (from the next lookup on, also during a trace).", ""),
+            ("resolv color", gdb.PARAM_BOOLEAN, "Colour the output (pygments).", True),
+            ("resolv traceback", gdb.PARAM_BOOLEAN, "Print the full Python traceback of a probe "
+             "error or a command's error, not only its one line (at once).", False)):
         p = ResolvParam(name, kind, doc, default)
         p.name = name
         params.append(p)
@@ -333,13 +401,13 @@ class ResolvSymbols(ResolvCommand):
         p.add_argument("--check", action="store_true",
                        help="only check what gdb loaded; fetch and change nothing")
 
+    @only_when_attached
+    @not_while_tracing("tracing: `resolv untrace` before reloading symbols")
     def run(self, args):
         from ..symbols import gdbload, identify
         from ..symbols.cache import SymbolCache, default_cache_dir
         from ..symbols.sources import Settings, fetch_symbols
-        inf = _require_process()
-        if S.TraceSession.current is not None and S.TraceSession.current.probes:
-            raise gdb.GdbError("tracing: `resolv untrace` before reloading symbols")
+        inf = attached_inferior()
         ident = identify.identify_process(inf.pid)
         cache = SymbolCache(args.cache or default_cache_dir())
         if not args.check:

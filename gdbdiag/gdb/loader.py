@@ -4,7 +4,9 @@
 #
 # `gdbdiag gdbinit` prints the exact line. gdb embeds Debian's /usr/bin/python3, not the
 # venv: this file puts the package and, when its Python version matches, the venv's
-# site-packages on sys.path. Without pygments/tabulate the output degrades to plain text.
+# site-packages on sys.path. The plugin needs the venv's capstone, pyelftools and dnslib
+# (the analyzer, memory reading, DNS decoding), python-debian/zstandard/unidiff for
+# `resolv symbols` and glibc's source; without pygments/tabulate the output is plain text.
 import glob
 import os
 import sys

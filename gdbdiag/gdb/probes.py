@@ -28,7 +28,6 @@ CHAIN = (
     ("__res_context_query", (("name", "name", "rsi"), ("type", "type", "rcx"))),
     ("__res_context_send", (("buflen", "buflen", "rdx"), ("buflen2", "buflen2", "r8"))),
 )
-CHAIN_NAMES = tuple(c[0] for c in CHAIN) + ("send_dg",)
 
 
 class Probe(gdb.Breakpoint):
@@ -40,10 +39,8 @@ class Probe(gdb.Breakpoint):
         self.session, self.pc, self.kind, self.reader, self.label = session, pc, kind, reader, label
         if thread is not None:
             self.thread = thread
-        self.hits_seen = 0
 
     def stop(self):
-        self.hits_seen += 1
         try:
             ev = self.reader(self)
         except Exception as exc:   # a probe must never break the target's run
@@ -324,7 +321,6 @@ class WatchProbe(Probe):
     threads, and then only for sticky threads (or in full mode, for all)."""
 
     def stop(self):
-        self.hits_seen += 1
         try:
             ev = self.reader(self)
             if ev is None or not self.session.escalated:

@@ -18,6 +18,7 @@ from ..core.flags import sticky_bits
 from . import analysis as A
 from . import probes as P
 from . import target as T
+from .guards import setting, traceback_text
 
 STATE_FILE_ENV = "GDBDIAG_ARMED_FILE"   # where the batch runner's supervisor reads armed PCs
 SYMBOLS = {"source": None, "verified": None}   # set by `resolv symbols` or the batch runner
@@ -27,12 +28,15 @@ class TraceSession:
     current = None
 
     def __init__(self, step=False, thread=None, names=None, lean=False, record=None,
-                 chain=True, verbose=False, echo=True, step_log=None, source=True, full=False):
-        self.step, self.thread, self.names, self.lean = step, thread, names, lean
+                 chain=True, verbose=None, echo=True, step_log=None, source=True, full=False):
+        """``names``, ``verbose``: as given (``--names``, ``--verbose``), or None to follow
+        `set resolv names` / `set resolv verbose` as they are when each probe fires."""
+        self.step, self.thread, self.lean = step, thread, lean
+        self._names, self._verbose = names, verbose
         # full: every probe from the start (--step, --full); otherwise only the watch set
         # until a thread is sticky (see probes.arm)
         self.full = bool(full or step or step_log) and not lean
-        self.chain, self.verbose, self.echo = chain, verbose, echo
+        self.chain, self.echo = chain, echo
         self.t0 = time.time()
         self.observations: list[Event] = []
         self.probes = []
@@ -47,18 +51,29 @@ class TraceSession:
         self._step_log = open(step_log, "w") if step_log else None
         self._objfile_hook = None
         self.filtered = set()
-        self.armed_at = None
         self.escalated = False
         self.want_source = source
         self.source_tree = None
         self.source_note = None
-        self.color = True
         self._escalate_pending = False
         self._gthread = None
         self._stop_hook = None
         if not self.full:
             self._stop_hook = self._on_stop
             gdb.events.stop.connect(self._stop_hook)
+
+    # -- settings, read when used: `set resolv …` works during a trace -----------------
+    @property
+    def names(self):
+        return self._names or setting("resolv names", "") or None
+
+    @property
+    def verbose(self):
+        return bool(setting("resolv verbose", False)) if self._verbose is None else self._verbose
+
+    @property
+    def color(self):
+        return bool(setting("resolv color", True))
 
     # -- set-up -----------------------------------------------------------------------
     def start(self):
@@ -111,7 +126,6 @@ class TraceSession:
         self.probes = P.arm(self, self.analysis, self.offsets, thread=gthread,
                             chain=self.chain, lean=self.lean, part="all" if self.full else "watch")
         self.escalated = self.full
-        self.armed_at = time.time()
         self.write_armed_file()
         self._seed_thread_states()
         if not self.full and any(t.sticky for t in self.detector.threads.values()):
@@ -263,12 +277,15 @@ class TraceSession:
         if len(self.errors) < 50:
             self.errors.append(msg)
             self.say("probe error (target continues): " + msg)
+            tb = traceback_text(exc)
+            if tb:
+                self.say(tb.rstrip("\n"))
 
     def observe(self, ev, probe):
         lwp = ev.lwp
-        if ev.kind == E.GAI_ENTER and self.names:
-            name = ev.get("name") or ""
-            if fnmatch.fnmatch(name, self.names) or fnmatch.fnmatch(name + ".", self.names):
+        if ev.kind == E.GAI_ENTER:       # a new lookup: is its name wanted (the glob as set now)?
+            names, name = self.names, ev.get("name") or ""
+            if not names or fnmatch.fnmatch(name, names) or fnmatch.fnmatch(name + ".", names):
                 self.filtered.discard(lwp)
             else:
                 self.filtered.add(lwp)

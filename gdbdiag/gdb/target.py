@@ -115,11 +115,6 @@ def app_stack(limit: int = 16, namer=None) -> list:
     return out
 
 
-def field_offsets(type_name: str, names) -> dict:
-    t = gdb.lookup_type(type_name)
-    return {f.name: f.bitpos // 8 for f in t.fields() if f.name in names}
-
-
 # -- the target's glibc objects, from /proc/PID/maps (no symbols) -----------------------
 OBJECT_RE = {
     "libc": re.compile(r"^libc(?:-\d[\d.]*)?\.so(?:\.6)?$"),

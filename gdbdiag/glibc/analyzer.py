@@ -21,6 +21,7 @@ import os
 import struct
 import time
 
+from ..errors import GdbdiagError
 from . import codeflow as C
 from .elfscan import ElfError, ElfImage
 from .fix30081 import decide_fix
@@ -30,7 +31,7 @@ __all__ = ["ANALYZER_VERSION", "analyze_object", "analyze_target", "default_anal
 ANALYZER_VERSION = 4
 
 
-class AnalysisError(Exception):
+class AnalysisError(GdbdiagError):
     """The object cannot be analyzed at all (not an x86-64 ELF, unreadable)."""
 
 

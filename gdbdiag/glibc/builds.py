@@ -2,7 +2,7 @@
 
 * :func:`list_builds` — every ``libc6`` version (one architecture) listed in the signed
   Packages indexes of the given suites.  Each index comes through the verified path of
-  :class:`gdbdiag.symbols.sources.DebianArchive` (InRelease checked with gpgv ->
+  :class:`gdbdiag.symbols.archive.DebianArchive` (InRelease checked with gpgv ->
   Packages by its SHA256 -> entries).
 * :func:`fetch_build` — download one build's ``libc6`` .deb (checked by the SHA256 in
   that Packages index), extract only ``libc.so.6`` and ``libresolv.so.2`` (plus the
@@ -18,9 +18,10 @@ import os
 import re
 import shutil
 
+from ..errors import GdbdiagError
 from ..symbols import extract
+from ..symbols.archive import Context, DebianArchive, Settings, SourceError
 from ..symbols.cache import SymbolCache, atomic_write_json, default_cache_dir
-from ..symbols.sources import Context, DebianArchive, Settings, SourceError
 
 __all__ = ["DEFAULT_SUITES", "list_builds", "fetch_build", "builds_dir", "BuildError"]
 
@@ -32,7 +33,7 @@ _WANTED = re.compile(r"^(?:usr/)?lib/x86_64-linux-gnu/"
 META = "build.json"
 
 
-class BuildError(Exception):
+class BuildError(GdbdiagError):
     """A build could not be fetched or extracted (str() is the reason)."""
 
 

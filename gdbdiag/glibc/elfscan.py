@@ -14,20 +14,21 @@ import bisect
 import struct
 from dataclasses import dataclass
 
+from ..errors import GdbdiagError
+
 __all__ = ["ElfImage", "ElfError", "Sym", "Reloc", "tpoff_relocs", "R_X86_64_GLOB_DAT",
            "R_X86_64_JUMP_SLOT", "R_X86_64_TPOFF64"]
 
 EM_X86_64 = 62
 PT_LOAD, PT_NOTE, PT_GNU_EH_FRAME = 1, 4, 0x6474E550
 PF_X = 1
-SHT_SYMTAB, SHT_RELA, SHT_NOBITS, SHT_DYNSYM = 2, 4, 8, 11
-SHF_EXECINSTR = 4
+SHT_RELA, SHT_NOBITS = 4, 8
 R_X86_64_GLOB_DAT, R_X86_64_JUMP_SLOT, R_X86_64_TPOFF64 = 6, 7, 18
 NT_GNU_BUILD_ID = 3
 STT_NAMES = {0: "NOTYPE", 1: "OBJECT", 2: "FUNC", 3: "SECTION", 4: "FILE", 6: "TLS", 10: "IFUNC"}
 
 
-class ElfError(ValueError):
+class ElfError(GdbdiagError, ValueError):
     """Not an ELF64 x86-64 object this analyzer can read (str() is the reason)."""
 
 

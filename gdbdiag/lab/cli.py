@@ -66,14 +66,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    try:
-        return _run(args)
-    except LabError as e:
-        print(f"gdbdiag lab: {e}", file=sys.stderr)
-        return EXIT_TOOL
-
-
-def _run(args) -> int:
+    """Run ``gdbdiag lab …``; a LabError goes up to gdbdiag.cli.main (one line, exit 4)."""
     if args.lab_cmd == "up":
         if args.rootfs and not args.cmd:
             raise LabError("--rootfs needs --cmd (the command your image runs)")

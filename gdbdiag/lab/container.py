@@ -28,10 +28,11 @@ from pathlib import Path
 
 from . import rootfs as rootfs_mod
 from .errors import LabError
+from .oci import oci_config
+from .procs import pid_alive, pid_matches, run, start_time, tail, wait_until
 
 STATE_ROOT = Path(os.environ.get("GDBDIAG_LAB_STATE", "/run/gdbdiag/labs"))
 RUNC_ROOT = Path(os.environ.get("GDBDIAG_RUNC_ROOT", "/run/gdbdiag/runc"))
-PAYLOAD = Path(__file__).resolve().parent / "payload"
 DNS_ADDR = "10.96.0.10"
 POD_ADDR = "10.244.1.5"
 SEARCH = "default.svc.cluster.local svc.cluster.local cluster.local"
@@ -132,12 +133,12 @@ class Lab:
 
     def inject(self, sig: int = signal.SIGUSR1) -> None:
         """Arm the DNS server to drop the next matching AAAA answer (fault injection now)."""
-        if not _pid_matches(self.dns_pid, self.dns_start):
+        if not pid_matches(self.dns_pid, self.dns_start):
             raise LabError(f"lab {self.name}: DNS server is not running")
         os.kill(self.dns_pid, sig)
 
     def alive(self) -> bool:
-        return bool(self.pid) and _pid_alive(self.pid)
+        return bool(self.pid) and pid_alive(self.pid)
 
     def probe(self, seconds: float = 30.0, interval: float = 0.1, emit=None,
               port: int = 6379, write: bool = False) -> list[dict]:
@@ -174,49 +175,6 @@ class Lab:
         if r.returncode != 0:
             raise LabError(f"DBSIZE failed: {r.stderr.strip()[-200:]}")
         return json.loads(r.stdout)["dbsize"]
-
-    def nsexec(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
-        """Run a host program inside the pod's network namespace."""
-        return subprocess.run(["ip", "netns", "exec", self.netns_pod, *argv], **kw)
-
-
-# ---------------------------------------------------------------------------------------
-def _run(argv, check=True, **kw):
-    r = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL, **kw)
-    if check and r.returncode != 0:
-        msg = (r.stderr or r.stdout).strip().splitlines()
-        raise LabError(f"{' '.join(argv[:4])}… failed: {msg[-1] if msg else 'exit %d' % r.returncode}")
-    return r
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            state = fh.read().rsplit(")", 1)[1].split()[0]
-        return state != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _start_time(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return int(fh.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _pid_matches(pid: int | None, start: int | None) -> bool:
-    """True if ``pid`` is still the very process we started (not a recycled PID)."""
-    return bool(pid) and _pid_alive(pid) and _start_time(pid) == start
-
-
-def _host_nofile() -> tuple[int, int]:
-    import resource
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    hard = hard if hard != resource.RLIM_INFINITY else 1 << 20
-    soft = min(soft if soft != resource.RLIM_INFINITY else hard, hard)
-    return soft, hard
 
 
 def _require_root() -> None:
@@ -277,64 +235,6 @@ def _workload_argv(spec: LabSpec) -> tuple[list[str], str]:
     raise LabError(f"unknown workload {spec.workload!r} (choose from {', '.join(WORKLOADS)})")
 
 
-def _oci_config(spec: LabSpec, lab: Lab, argv: list[str]) -> dict:
-    soft, hard = _host_nofile()
-    caps = ["CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD",
-            "CAP_NET_RAW", "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP",
-            "CAP_NET_BIND_SERVICE", "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE"]
-    sd = Path(lab.state_dir)
-    mounts = [
-        {"destination": "/proc", "type": "proc", "source": "proc"},
-        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-         "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
-        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-         "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-        {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
-         "options": ["nosuid", "noexec", "nodev"]},
-        {"destination": "/sys", "type": "sysfs", "source": "sysfs",
-         "options": ["nosuid", "noexec", "nodev", "ro"]},
-        {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs",
-         "options": ["nosuid", "nodev", "mode=1777"]},
-        {"destination": "/etc/resolv.conf", "type": "bind", "source": str(sd / "resolv.conf"),
-         "options": ["rbind", "ro"]},
-        {"destination": "/etc/hosts", "type": "bind", "source": str(sd / "hosts"),
-         "options": ["rbind", "ro"]},
-        {"destination": "/etc/hostname", "type": "bind", "source": str(sd / "hostname"),
-         "options": ["rbind", "ro"]},
-        {"destination": "/opt/gdbdiag", "type": "bind", "source": str(PAYLOAD),
-         "options": ["rbind", "ro"]},
-        {"destination": "/gdbdiag-out", "type": "bind", "source": lab.out_dir,
-         "options": ["rbind", "rw"]},
-    ]
-    return {
-        "ociVersion": "1.0.2",
-        "process": {
-            "terminal": False,
-            "user": {"uid": 0, "gid": 0},
-            "args": argv,
-            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                    "HOME=/root", "LANG=C.UTF-8", f"HOSTNAME={spec.hostname}"],
-            "cwd": "/",
-            "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": hard, "soft": soft}],
-            "noNewPrivileges": True,
-        },
-        "root": {"path": lab.merged, "readonly": False},
-        "hostname": spec.hostname,
-        "mounts": mounts,
-        "linux": {
-            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},
-                           {"type": "network", "path": f"/run/netns/{lab.netns_pod}"}],
-            "resources": {"devices": [{"allow": False, "access": "rwm"}]},
-            "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/sys/firmware"],
-            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys",
-                              "/proc/sysrq-trigger"],
-        },
-    }
-
-
 def up(spec: LabSpec, log=None) -> Lab:
     """Start a lab; on any failure, remove whatever was created and raise LabError."""
     log = log or (lambda msg: None)
@@ -378,28 +278,40 @@ def up(spec: LabSpec, log=None) -> Lab:
 
 
 def _bring_up(spec, lab, root, h, argv, ready_marker, dns_fault_args, log):
-    sd = Path(lab.state_dir)
-    # -- network: two namespaces and a veth pair -----------------------------------------
+    _network(spec, lab, h)
+    _start_dns(spec, lab, dns_fault_args)
+    _container_files(spec, lab)
+    _overlay_root(lab, root)
+    _start_container(spec, lab, argv, ready_marker)
+    log(f"lab {lab.name} up: {lab.workload} pid {lab.pid} on {release_label(lab)}")
+
+
+def _network(spec, lab, h):
+    """Two network namespaces (pod, DNS) and a veth pair between them; each step is
+    saved at once, so ``down`` removes what exists."""
     lab.netns_pod, lab.netns_dns = f"gdbdiag-{spec.name}-pod", f"gdbdiag-{spec.name}-dns"
     lab.veth_pod, lab.veth_dns = f"gdv{h}p", f"gdv{h}d"
     for ns in (lab.netns_pod, lab.netns_dns):
         if Path(f"/run/netns/{ns}").exists():
             raise LabError(f"network namespace {ns} already exists (a lab left behind? "
                            f"`ip netns del {ns}`)")
-    _run(["ip", "netns", "add", lab.netns_pod])
+    run(["ip", "netns", "add", lab.netns_pod])
     lab.save()
-    _run(["ip", "netns", "add", lab.netns_dns])
+    run(["ip", "netns", "add", lab.netns_dns])
     lab.save()
-    _run(["ip", "link", "add", lab.veth_pod, "netns", lab.netns_pod, "type", "veth",
-          "peer", "name", lab.veth_dns, "netns", lab.netns_dns])
+    run(["ip", "link", "add", lab.veth_pod, "netns", lab.netns_pod, "type", "veth",
+         "peer", "name", lab.veth_dns, "netns", lab.netns_dns])
     lab.save()
     for ns, dev, me, peer in ((lab.netns_pod, lab.veth_pod, POD_ADDR, DNS_ADDR),
                               (lab.netns_dns, lab.veth_dns, DNS_ADDR, POD_ADDR)):
-        _run(["ip", "-n", ns, "link", "set", "lo", "up"])
-        _run(["ip", "-n", ns, "addr", "add", me, "peer", peer, "dev", dev])
-        _run(["ip", "-n", ns, "link", "set", dev, "up"])
+        run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        run(["ip", "-n", ns, "addr", "add", me, "peer", peer, "dev", dev])
+        run(["ip", "-n", ns, "link", "set", dev, "up"])
 
-    # -- DNS server in its namespace -------------------------------------------------------
+
+def _start_dns(spec, lab, dns_fault_args):
+    """The DNS server (gdbdiag.lab.dns) in the DNS namespace; returns once it is ready."""
+    sd = Path(lab.state_dir)
     lab.dns_log = str(sd / "dns.log")
     ready = sd / "dns.ready"
     dns_argv = [sys.executable, "-m", "gdbdiag.lab.dns", "--listen", DNS_ADDR, "--port", "53",
@@ -414,12 +326,15 @@ def _bring_up(spec, lab, root, h, argv, ready_marker, dns_fault_args, log):
         p = subprocess.Popen(["ip", "netns", "exec", lab.netns_dns, *dns_argv],
                              stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env,
                              start_new_session=True)
-    lab.dns_pid, lab.dns_start = p.pid, _start_time(p.pid)
+    lab.dns_pid, lab.dns_start = p.pid, start_time(p.pid)
     lab.save()
-    _wait(lambda: ready.exists(), 10, lambda: p.poll() is not None,
-          f"DNS server did not start: {_tail(sd / 'dns.stderr')}")
+    wait_until(lambda: ready.exists(), 10, lambda: p.poll() is not None,
+               f"DNS server did not start: {tail(sd / 'dns.stderr')}")
 
-    # -- container files ---------------------------------------------------------------------
+
+def _container_files(spec, lab):
+    """resolv.conf (the incident's search list and ndots), hosts, hostname, out dir."""
+    sd = Path(lab.state_dir)
     opts = "ndots:5" + (f" {spec.resolv_options}" if spec.resolv_options else "")
     (sd / "resolv.conf").write_text(f"search {SEARCH}\nnameserver {DNS_ADDR}\noptions {opts}\n")
     (sd / "hosts").write_text(f"127.0.0.1\tlocalhost\n{POD_ADDR}\t{spec.hostname}."
@@ -429,18 +344,24 @@ def _bring_up(spec, lab, root, h, argv, ready_marker, dns_fault_args, log):
     os.makedirs(lab.out_dir)
     lab.workload_log = str(sd / "workload.log")
 
-    # -- root: an overlay over the cached rootfs, so the cache never changes -----------------
+
+def _overlay_root(lab, root):
+    """The container's root: an overlay over the cached rootfs, so the cache never changes."""
+    sd = Path(lab.state_dir)
     for d in ("upper", "work", "merged"):
         (sd / d).mkdir()
     lab.merged = str(sd / "merged")
-    _run(["mount", "-t", "overlay", "overlay", "-o",
-          f"lowerdir={root},upperdir={sd / 'upper'},workdir={sd / 'work'}", lab.merged])
+    run(["mount", "-t", "overlay", "overlay", "-o",
+         f"lowerdir={root},upperdir={sd / 'upper'},workdir={sd / 'work'}", lab.merged])
     lab.save()
 
-    # -- the container -------------------------------------------------------------------------
+
+def _start_container(spec, lab, argv, ready_marker):
+    """The runc container (bundle generated here); returns once the workload is ready."""
+    sd = Path(lab.state_dir)
     bundle = sd / "bundle"
     bundle.mkdir()
-    (bundle / "config.json").write_text(json.dumps(_oci_config(spec, lab, argv), indent=1))
+    (bundle / "config.json").write_text(json.dumps(oci_config(spec, lab, argv), indent=1))
     lab.runc_id = f"gdbdiag-{spec.name}"
     lab.save()
     RUNC_ROOT.mkdir(parents=True, exist_ok=True)
@@ -451,41 +372,21 @@ def _bring_up(spec, lab, root, h, argv, ready_marker, dns_fault_args, log):
                            stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                            start_new_session=True, timeout=60)
     if r.returncode != 0:
-        raise LabError(f"runc could not start the container: {_tail(Path(lab.workload_log))}")
+        raise LabError(f"runc could not start the container: {tail(Path(lab.workload_log))}")
     lab.pid = int(pidfile.read_text().strip())
     lab.save()
     if ready_marker:
-        _wait(lambda: ready_marker in _tail(Path(lab.workload_log), 20000), 30,
-              lambda: not _pid_alive(lab.pid),
-              f"workload did not start: {_tail(Path(lab.workload_log))}")
+        wait_until(lambda: ready_marker in tail(Path(lab.workload_log), 20000), 30,
+                   lambda: not pid_alive(lab.pid),
+                   f"workload did not start: {tail(Path(lab.workload_log))}")
     else:
         time.sleep(0.3)
-        if not _pid_alive(lab.pid):
-            raise LabError(f"the command exited at once: {_tail(Path(lab.workload_log))}")
-    log(f"lab {lab.name} up: {lab.workload} pid {lab.pid} on {release_label(lab)}")
+        if not pid_alive(lab.pid):
+            raise LabError(f"the command exited at once: {tail(Path(lab.workload_log))}")
 
 
 def release_label(lab: Lab) -> str:
     return lab.release or f"image {lab.rootfs}"
-
-
-def _tail(path: Path, n: int = 300) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return text[-n:].strip().replace("\n", " | ")
-
-
-def _wait(ok, timeout, failed, msg):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if ok():
-            return
-        if failed():
-            raise LabError(msg)
-        time.sleep(0.05)
-    raise LabError(msg + " (timed out)")
 
 
 def down(name: str, quiet: bool = False) -> list[str]:
@@ -506,23 +407,23 @@ def down(name: str, quiet: bool = False) -> list[str]:
         subprocess.run(rr + ["kill", lab.runc_id, "KILL"], capture_output=True)
         if lab.pid:
             deadline = time.monotonic() + 10
-            while _pid_alive(lab.pid) and time.monotonic() < deadline:
+            while pid_alive(lab.pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
         r = subprocess.run(rr + ["delete", "--force", lab.runc_id], capture_output=True, text=True)
         if r.returncode != 0 and "does not exist" not in r.stderr:
             problems.append(f"runc delete: {r.stderr.strip()}")
-    if lab.pid and _pid_alive(lab.pid):
+    if lab.pid and pid_alive(lab.pid):
         problems.append(f"workload pid {lab.pid} still alive")
     # DNS server: only the process we started (PID and start time must match)
-    if lab.dns_pid and _pid_matches(lab.dns_pid, lab.dns_start):
+    if lab.dns_pid and pid_matches(lab.dns_pid, lab.dns_start):
         try:
             os.killpg(lab.dns_pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
         deadline = time.monotonic() + 5
-        while _pid_alive(lab.dns_pid) and time.monotonic() < deadline:
+        while pid_alive(lab.dns_pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _pid_alive(lab.dns_pid):
+        if pid_alive(lab.dns_pid):
             os.killpg(lab.dns_pid, signal.SIGKILL)
     if lab.merged and os.path.ismount(lab.merged):
         r = subprocess.run(["umount", lab.merged], capture_output=True, text=True)

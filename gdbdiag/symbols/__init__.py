@@ -1,13 +1,16 @@
-"""Host side: identify a target's glibc, fetch/verify/cache its debug files, tell gdb
-which files to load, and say whether the build has glibc bug 30081.
+"""Host side: identify a target's glibc, fetch/verify/cache its debug files and its
+glibc source, tell gdb which files to load, and say whether the build has glibc bug 30081.
 
-Modules: ``rootfs`` (SafeRoot: paths inside a foreign root), ``elfinfo`` (build-id,
-banner), ``identify`` (process / file / rootfs → TargetIdent), ``net`` (HTTP with
-timeouts and a progress bar), ``extract`` (.deb/.ddeb via dpkg-deb or pure Python),
+The target: ``rootfs`` (SafeRoot: paths inside a foreign root), ``rootinfo``
+(os-release, dpkg, ld.so.cache), ``elfinfo`` (build-id, banner), ``identify`` (process
+/ file / rootfs → TargetIdent).  Archive access: ``net`` (HTTP with timeouts and a
+progress bar), ``archive`` (Debian's signed archive: InRelease → Packages/Sources →
+files), ``extract`` (.deb/.ddeb via dpkg-deb or python-debian).  Debug symbols:
 ``cache`` (SymbolCache, by build-id), ``sources`` (debian / ubuntu / debuginfod / local,
-``fetch_symbols``), ``gdbload`` (gdb setup commands, loaded-build-id check),
+``fetch_symbols``), ``gdbload`` (gdb setup commands, loaded-build-id check).  glibc
+source: ``glibcsrc`` (download, Debian's patches with GNU patch, the cached tree).
 ``analyze`` + ``debdata`` + ``refresh`` (debian-symbols data, ``check``), ``cli``
-(``symbols`` and ``check`` sub-commands), ``testing`` (test fixtures).
+(``symbols`` and ``check`` sub-commands).  Test fixtures live in tests/support/.
 """
 from .cache import SymbolCache
 from .gdbload import check_loaded, gdb_setup_commands

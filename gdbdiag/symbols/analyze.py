@@ -28,16 +28,6 @@ FIX_RE = re.compile(r"if\s*\(\s*buf2\s*!=\s*NULL\s*&&\s*!\s*single_request\s*\)"
 UNFIXED_RE = re.compile(r"if\s*\(\s*buf2\s*!=\s*NULL\s*\)")
 
 
-def parse_ptype_offsets(text: str) -> dict[str, int]:
-    """{member: offset} from ``ptype/o struct __res_state`` (top-level members)."""
-    out = {}
-    for line in text.splitlines():
-        m = re.match(r"^/\*\s+(\d+)(?::\d+)?\s+\|\s+\d+\s+\*/\s+(?:[\w ]+?[\s*]+)(\w+)(?:\[\d+\])*;", line)
-        if m and m.group(2) not in out:
-            out[m.group(2)] = int(m.group(1))
-    return out
-
-
 def analyze_send_dg(objects: list[tuple[str, str]], debug_dirs: list[str]) -> dict:
     """Which of ``objects`` [(soname, host path)] holds ``send_dg`` and where its sticky
     bit lives, from the code (gdbdiag.glibc's analyzer; a debug file found in
@@ -123,7 +113,7 @@ def _upstream_res_send(orig_tar_xz_path: str) -> str | None:
 
 def source_has_30081_fix(archive, version: str, suites, work: str, orig_cache: dict | None = None) -> dict:
     """Decide from Debian's source package of glibc ``version`` whether send_dg has the
-    30081 fix.  ``archive`` is a :class:`~gdbdiag.symbols.sources.DebianArchive`.
+    30081 fix.  ``archive`` is a :class:`~gdbdiag.symbols.archive.DebianArchive`.
     Returns {"fixed": bool|None, "evidence": str}."""
     ent = archive.find_source("glibc", version, suites)
     if ent is None:

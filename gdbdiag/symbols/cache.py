@@ -21,13 +21,14 @@ import shutil
 import tempfile
 import time
 
+from ..errors import GdbdiagError
 from . import elfinfo
 
 __all__ = ["SymbolCache", "default_cache_dir", "atomic_write_bytes", "atomic_write_json", "VerifyError",
            "verify_debug_file"]
 
 
-class VerifyError(Exception):
+class VerifyError(GdbdiagError):
     """A debug file is refused; str() is a one-line cause."""
 
 

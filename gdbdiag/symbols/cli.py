@@ -1,5 +1,7 @@
-"""``gdbdiag symbols`` and ``gdbdiag check`` (wired into gdbdiag/cli.py with
-:func:`add_parser` / :func:`run`).
+"""``gdbdiag symbols`` and ``gdbdiag check``: :func:`add_parser` adds them to
+gdbdiag/cli.py's parser, :func:`run` runs them.  Errors (an unidentifiable target, a
+bad ``--sources``, unreadable ``--data``) are raised as :class:`~gdbdiag.errors.GdbdiagError`
+and reported as one line by ``gdbdiag.cli.main``.
 
     gdbdiag symbols PID | --file PATH [--root DIR] | --root DIR
             [--sources debian,ubuntu,debuginfod,local] [--local PATH]... [--cache DIR]
@@ -11,7 +13,7 @@
 
 Exit status — symbols: 0 every object has a verified debug file, 1 some have not,
 2 the target cannot be identified.  check: 0 not affected, 1 affected, 3 unknown,
-2 the target cannot be identified.
+2 the target cannot be identified or the data file is unreadable.
 """
 from __future__ import annotations
 
@@ -22,12 +24,13 @@ import sys
 
 from tabulate import tabulate
 
+from ..errors import EXIT_USAGE, GdbdiagError
 from . import debdata, gdbload
 from .cache import SymbolCache, atomic_write_bytes, default_cache_dir
 from .identify import IdentifyError, identify_file, identify_process, identify_root
 from .sources import SOURCES, Settings, fetch_symbols
 
-__all__ = ["add_parser", "run", "identify_from_args", "main"]
+__all__ = ["add_parser", "run", "identify_from_args"]
 
 
 def _target_args(p: argparse.ArgumentParser):
@@ -124,12 +127,8 @@ def _short(b):
 
 
 def run_symbols(args) -> int:
-    try:
-        settings = _settings(args)
-        ident = identify_from_args(args)
-    except IdentifyError as e:
-        print(f"gdbdiag symbols: {e}", file=sys.stderr)
-        return 2
+    settings = _settings(args)
+    ident = identify_from_args(args)
     for w in ident.warnings:
         print(f"warning: {w}", file=sys.stderr)
     cache = SymbolCache(args.cache)
@@ -164,12 +163,11 @@ def run_symbols(args) -> int:
 
 
 def run_check(args) -> int:
+    ident = identify_from_args(args)
     try:
-        ident = identify_from_args(args)
         data = debdata.load_data(args.data)
-    except (IdentifyError, ValueError) as e:
-        print(f"gdbdiag check: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:
+        raise GdbdiagError(f"--data: {e}", EXIT_USAGE) from None
     v = debdata.check_target(ident, data)
     aff = {True: "AFFECTED: stalls in sticky single-request mode on error answers (bug 30081)",
            False: "not affected: has the bug 30081 fix", None: "unknown"}[v["affected"]]
@@ -197,15 +195,3 @@ def run(args) -> int:
         return run_check(args)
     raise SystemExit(f"gdbdiag.symbols.cli.run: not a symbols/check namespace: {args!r}")
 
-
-def main(argv=None) -> int:
-    """Stand-alone entry (``python -m gdbdiag.symbols.cli symbols …``), for tests and
-    until gdbdiag/cli.py wires the sub-commands."""
-    ap = argparse.ArgumentParser(prog="gdbdiag")
-    sub = ap.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    return run(ap.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,8 +4,9 @@ Two interchangeable back ends read a package's data tarball:
 
 * ``dpkg-deb --fsys-tarfile`` when dpkg-deb is installed (it knows every format dpkg
   does), streamed into :mod:`tarfile`;
-* pure Python: the ar archive is parsed here, the ``data.tar.{gz,xz,bz2,zst}`` member
-  is decompressed with gzip/lzma/bz2/zstandard and streamed into :mod:`tarfile`.
+* pure Python: python-debian's :mod:`debian.debfile` reads the ar archive and finds
+  the ``data.tar.{gz,xz,bz2,zst}`` member, which is decompressed with
+  gzip/lzma/bz2/zstandard and streamed into :mod:`tarfile`.
 
 Either way only regular files under ``usr/lib/debug/`` are considered: files in the
 ``.build-id/xx/yyyy.debug`` layout are taken by name when their id is wanted; any other
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import bz2
 import gzip
-import io
 import lzma
 import os
 import shutil
@@ -28,15 +28,19 @@ import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from debian.arfile import ArError
+from debian.debfile import DebFile
+
+from ..errors import GdbdiagError, one_line
 from . import elfinfo
 
-__all__ = ["ExtractError", "DebugCandidate", "have_dpkg_deb", "ar_members", "open_data_tar", "extract_elf_members",
+__all__ = ["ExtractError", "DebugCandidate", "have_dpkg_deb", "open_data_tar", "extract_elf_members",
            "scan_deb", "scan_dir", "scan_file"]
 
 MAX_MEMBER = 2 << 30
 
 
-class ExtractError(Exception):
+class ExtractError(GdbdiagError):
     """The package cannot be read; str() is a one-line cause."""
 
 
@@ -52,44 +56,17 @@ def have_dpkg_deb() -> bool:
     return shutil.which("dpkg-deb") is not None
 
 
-class _Bounded(io.RawIOBase):
-    """Read-only view of ``size`` bytes of ``f`` from its current position."""
-
-    def __init__(self, f, size: int):
-        self.f, self.left = f, size
-
-    def readable(self):
-        return True
-
-    def readinto(self, b):
-        if self.left <= 0:
-            return 0
-        n = self.f.readinto(memoryview(b)[: min(len(b), self.left)])
-        self.left -= n or 0
-        return n
-
-
-def ar_members(f) -> list[tuple[str, int, int]]:
-    """[(name, offset, size)] of an ar archive (a .deb)."""
-    f.seek(0)
-    if f.read(8) != b"!<arch>\n":
-        raise ExtractError("not a Debian package (no ar header)")
-    out = []
-    while True:
-        hdr = f.read(60)
-        if not hdr:
-            break
-        if len(hdr) < 60 or hdr[58:60] != b"`\n":
-            raise ExtractError("corrupt ar archive (bad member header)")
-        name = hdr[:16].decode("ascii", "replace").strip().rstrip("/")
-        try:
-            size = int(hdr[48:58].decode("ascii").strip())
-        except ValueError:
-            raise ExtractError("corrupt ar archive (bad member size)") from None
-        off = f.tell()
-        out.append((name, off, size))
-        f.seek(off + size + (size & 1))
-    return out
+def _data_member(f):
+    """The ``data.tar.*`` member of the .deb open as ``f`` (python-debian's
+    :class:`~debian.debfile.DebFile` reads the ar archive and checks the parts of a
+    binary package), as a file object reading only that member."""
+    try:
+        deb = DebFile(fileobj=f)
+    except ArError as e:       # DebError is an ArError too
+        raise ExtractError(f"not a Debian package ({one_line(e)})") from None
+    except (OSError, ValueError) as e:
+        raise ExtractError(f"corrupt ar archive ({one_line(e)})") from None
+    return next(m for m in deb.getmembers() if m.name.startswith("data.tar"))
 
 
 def _decompressor(name: str, raw):
@@ -144,19 +121,15 @@ def open_data_tar(deb_path: str, use_dpkg: bool | None = None):
             raise ExtractError(f"corrupt package data: {failed}")
         return
     with open(deb_path, "rb") as f:
-        members = ar_members(f)
-        data = [m for m in members if m[0].startswith("data.tar")]
-        if not data:
-            raise ExtractError("no data.tar member in package")
-        name, off, size = data[0]
-        f.seek(off)
-        raw = io.BufferedReader(_Bounded(f, size), 1 << 16)
-        stream = _decompressor(name, raw)
+        member = _data_member(f)
+        # streamed: python-debian's DebPart.tgz() would need the whole member in memory
+        # (and an unzstd binary for .zst); tarfile reads it once, front to back
+        stream = _decompressor(member.name, member)
         try:
             tf = tarfile.open(fileobj=stream, mode="r|")
             yield tf
         except (tarfile.TarError, lzma.LZMAError, OSError, EOFError, zlib.error) as e:
-            raise ExtractError(f"corrupt package data ({name}): {e}") from None
+            raise ExtractError(f"corrupt package data ({member.name}): {e}") from None
 
 
 def _bid_from_name(member: str) -> str | None:

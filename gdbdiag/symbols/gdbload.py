@@ -32,7 +32,8 @@ import shutil
 import tempfile
 import time
 
-from .identify import TargetIdent, parse_ld_so_cache, _TRIPLET, _which
+from .identify import TargetIdent, _which
+from .rootinfo import TRIPLET, parse_ld_so_cache
 from .rootfs import SafeRoot
 
 __all__ = ["gdb_setup_commands", "build_shadow_sysroot", "gdb_quote", "objfiles_probe_command",
@@ -50,7 +51,7 @@ def gdb_quote(path: str) -> str:
 
 
 def _lib_dirs(ident: TargetIdent, sroot: SafeRoot) -> list[str]:
-    trip = _TRIPLET.get(ident.arch or "amd64", "x86_64-linux-gnu")
+    trip = TRIPLET.get(ident.arch or "amd64", "x86_64-linux-gnu")
     dirs = ["/lib64", "/lib", "/usr/lib", "/usr/lib64", f"/lib/{trip}", f"/usr/lib/{trip}",
             "/usr/local/lib", f"/usr/local/lib/{trip}"]
     try:

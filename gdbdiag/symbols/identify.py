@@ -9,18 +9,20 @@ Three entry points:
 * :func:`identify_file` — one ELF object, optionally inside a rootfs directory.
 * :func:`identify_root` — the glibc objects of a rootfs directory.
 
-Everything inside a foreign root is read through :class:`~gdbdiag.symbols.rootfs.SafeRoot`.
+Everything inside a foreign root is read through :class:`~gdbdiag.symbols.rootfs.SafeRoot`;
+what the root says about itself (os-release, dpkg, ld.so.cache) is :mod:`.rootinfo`'s.
 """
 from __future__ import annotations
 
 import os
 import re
-import shlex
-import struct
 from dataclasses import asdict, dataclass, field
 
+from ..errors import EXIT_USAGE, GdbdiagError
 from . import elfinfo
 from .rootfs import SafeRoot
+from .rootinfo import (arch_of, dpkg_owner, dpkg_package, find_library, parse_ld_so_cache, parse_os_release,
+                       read_os_release)
 
 __all__ = [
     "ObjectIdent", "TargetIdent", "IdentifyError",
@@ -38,13 +40,12 @@ _NAME_RE = {
 }
 
 # Debian multiarch triplets, for the standard library directories
-_TRIPLET = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu", "i386": "i386-linux-gnu",
-            "armhf": "arm-linux-gnueabihf", "ppc64el": "powerpc64le-linux-gnu", "s390x": "s390x-linux-gnu",
-            "riscv64": "riscv64-linux-gnu"}
 
 
-class IdentifyError(Exception):
+class IdentifyError(GdbdiagError):
     """The target cannot be identified (one-line reason in str())."""
+
+    code = EXIT_USAGE
 
 
 @dataclass
@@ -105,9 +106,6 @@ class TargetIdent:
                 return o
         return None
 
-    def safe_root(self) -> SafeRoot:
-        return SafeRoot(self.root)
-
 
 def version_tuple(v: str | None) -> tuple[int, ...]:
     if not v:
@@ -122,186 +120,6 @@ def resolver_sonames(glibc_version: str | None) -> list[str]:
     if vt and vt >= (2, 34):
         return [LIBC]
     return [LIBC, LIBRESOLV, LIBNSS_DNS]
-
-
-# ---------------------------------------------------------------------------------
-# os-release, dpkg
-# ---------------------------------------------------------------------------------
-def parse_os_release(text: str) -> dict:
-    out = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        k, v = line.split("=", 1)
-        try:
-            parts = shlex.split(v)
-            v = parts[0] if parts else ""
-        except ValueError:
-            v = v.strip("'\"")
-        out[k.strip()] = v
-    return out
-
-
-def read_os_release(sroot: SafeRoot) -> dict:
-    """{id, version_id, codename, pretty_name, ...} from the root's os-release (read
-    through the safe resolver; etc/os-release is usually a link to ../usr/lib/os-release)."""
-    for p in ("/etc/os-release", "/usr/lib/os-release"):
-        try:
-            raw = parse_os_release(sroot.read_text(p, limit=64 << 10))
-        except (OSError, ValueError):
-            continue
-        d = {"id": raw.get("ID"), "version_id": raw.get("VERSION_ID"),
-             "codename": raw.get("VERSION_CODENAME") or raw.get("UBUNTU_CODENAME"),
-             "pretty_name": raw.get("PRETTY_NAME"), "id_like": raw.get("ID_LIKE")}
-        if not d["codename"] and raw.get("VERSION"):
-            m = re.search(r"\(([a-z]+)\)", raw["VERSION"])
-            if m:
-                d["codename"] = m.group(1)
-        if not d["codename"] and d["id"] == "debian" and not d["version_id"]:
-            # testing/sid: "trixie/sid" in debian_version
-            try:
-                dv = sroot.read_text("/etc/debian_version", limit=256).strip()
-                d["debian_version"] = dv
-            except (OSError, ValueError):
-                pass
-        return {k: v for k, v in d.items() if v}
-    return {}
-
-
-def dpkg_owner(sroot: SafeRoot, inner_path: str) -> str | None:
-    """The dpkg package (as named by its info/*.list file, e.g. "libc6:amd64") that
-    ships ``inner_path`` (canonical).  Paths in .list files are compared after safe
-    resolution, so /lib/x/libc.so.6 (bullseye) matches /usr/lib/x/libc-2.31.so."""
-    info = "/var/lib/dpkg/info"
-    try:
-        lists = [n for n in sroot.listdir(info) if n.endswith(".list")]
-    except OSError:
-        return None
-    stem = re.split(r"[-.]", os.path.basename(inner_path))[0]
-    # try the likely ones first
-    lists.sort(key=lambda n: (not n.startswith("libc6"), n))
-    for n in lists:
-        try:
-            text = sroot.read_text(f"{info}/{n}", limit=16 << 20)
-        except (OSError, ValueError):
-            continue
-        for line in text.splitlines():
-            b = os.path.basename(line)
-            # only names of the same stem can be the file or a link to it
-            # (libc.so.6 -> libc-2.31.so); compare after safe resolution
-            if not line.startswith("/") or re.split(r"[-.]", b)[0] != stem or ".so" not in b:
-                continue
-            try:
-                if sroot.resolve(line) == inner_path:
-                    return n[:-len(".list")]
-            except (OSError, ValueError):
-                continue
-    return None
-
-
-def dpkg_package(sroot: SafeRoot, name: str, arch: str | None = None) -> dict | None:
-    """The installed paragraph of package ``name`` (``name:arch`` accepted) from
-    var/lib/dpkg/status, as {package, version, source, architecture}."""
-    from debian import deb822
-
-    if ":" in name:
-        name, arch = name.split(":", 1)
-    try:
-        f = sroot.open("/var/lib/dpkg/status")
-    except OSError:
-        return None
-    with f:
-        best = None
-        for p in deb822.Deb822.iter_paragraphs(f, use_apt_pkg=False):
-            if p.get("Package") != name:
-                continue
-            if "installed" not in p.get("Status", "").split()[-1:]:
-                continue
-            if arch and p.get("Architecture") not in (arch, "all"):
-                continue
-            src = p.get("Source", name).split(" ")[0]
-            best = {"package": name, "version": p.get("Version"), "source": src,
-                    "architecture": p.get("Architecture")}
-            break
-    return best
-
-
-# ---------------------------------------------------------------------------------
-# ld.so.cache
-# ---------------------------------------------------------------------------------
-_NEW_MAGIC = b"glibc-ld.so.cache1.1"
-_OLD_MAGIC = b"ld.so-1.7.0"
-
-
-def parse_ld_so_cache(data: bytes) -> list[tuple[str, str, int]]:
-    """Entries (soname, path, flags) of an ld.so.cache (new format, possibly after the
-    old-format compat block)."""
-    off = 0
-    if data.startswith(_OLD_MAGIC):
-        (nlibs,) = struct.unpack_from("<I", data, 12)
-        off = 16 + nlibs * 12
-        off = (off + 7) & ~7  # the new header is aligned
-        idx = data.find(_NEW_MAGIC, off - 8 if off >= 8 else 0)
-        if idx < 0:
-            return []
-        off = idx
-    if data[off:off + len(_NEW_MAGIC)] != _NEW_MAGIC:
-        return []
-    nlibs, _len_strings = struct.unpack_from("<II", data, off + 20)
-    hdr = 48
-    out = []
-    for i in range(nlibs):
-        e = off + hdr + i * 24
-        if e + 24 > len(data):
-            break
-        flags, key, value, _osv, _hwcap = struct.unpack_from("<iIIIQ", data, e)
-
-        def s(o):
-            o += off
-            end = data.find(b"\0", o)
-            return data[o:end].decode("utf-8", "replace") if 0 <= o < len(data) and end > 0 else ""
-        out.append((s(key), s(value), flags))
-    return out
-
-
-def _arch_of(sroot: SafeRoot, inner: str) -> str | None:
-    try:
-        with sroot.open(inner) as f:
-            return elfinfo.elf_facts(f).arch
-    except (OSError, ValueError):
-        return None
-
-
-def find_library(sroot: SafeRoot, soname: str, arch: str | None, hint_dirs=()) -> str | None:
-    """Where the target's dynamic loader would find ``soname``: its ld.so.cache first,
-    then ``hint_dirs`` (e.g. the directory of the mapped libc), then standard dirs.
-    Returns the canonical path inside the root, or None."""
-    cands: list[str] = []
-    try:
-        for key, value, _flags in parse_ld_so_cache(sroot.read_bytes("/etc/ld.so.cache", 16 << 20)):
-            if key == soname:
-                cands.append(value)
-    except (OSError, ValueError):
-        pass
-    trip = _TRIPLET.get(arch or "")
-    dirs = list(hint_dirs)
-    if trip:
-        dirs += [f"/lib/{trip}", f"/usr/lib/{trip}"]
-    dirs += ["/lib64", "/usr/lib64", "/lib", "/usr/lib"]
-    cands += [f"{d.rstrip('/')}/{soname}" for d in dirs]
-    seen = set()
-    for c in cands:
-        try:
-            inner = sroot.resolve(c)
-        except (OSError, ValueError):
-            continue
-        if inner in seen or not sroot.isfile(inner):
-            continue
-        seen.add(inner)
-        if arch is None or _arch_of(sroot, inner) == arch:
-            return inner
-    return None
 
 
 # ---------------------------------------------------------------------------------
@@ -374,27 +192,54 @@ def _find_thread_db(t: TargetIdent, sroot: SafeRoot, hint_dirs):
         t.thread_db_dir_host = sroot.to_host(os.path.dirname(p))
 
 
-def _proc_maps(pid: int) -> list[tuple[str, int, str, str]]:
-    """[(range "start-end", offset, path, raw path)] for file mappings."""
+def _proc_maps(pid: int) -> list[tuple[str, int, str, int]]:
+    """[(range "start-end", offset, path, inode)] for file mappings."""
     out = []
     with open(f"/proc/{pid}/maps") as f:
         for line in f:
             parts = line.rstrip("\n").split(None, 5)
             if len(parts) < 6 or not parts[5].startswith("/"):
                 continue
-            out.append((parts[0], int(parts[2], 16), parts[5], parts[5]))
+            out.append((parts[0], int(parts[2], 16), parts[5], int(parts[4])))
     return out
 
 
-def identify_process(pid: int) -> TargetIdent:
-    """Identify the resolver's glibc objects of a live process."""
+def _open_mapped(pid: int, rng: str, path: str, inode: int):
+    """(file, how it was reached): the very file mapped through /proc/PID/map_files
+    (needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE), else the same path inside the
+    process's root when it is still the mapped inode (CAP_SYS_PTRACE is enough)."""
+    mf = f"/proc/{pid}/map_files/{rng}"
+    try:
+        return open(mf, "rb"), mf
+    except PermissionError:
+        inner = f"/proc/{pid}/root{path}"
+        f = open(inner, "rb")
+        if os.fstat(f.fileno()).st_ino != inode:
+            f.close()
+            raise OSError(f"{path} in the process's root is no longer the mapped file "
+                          f"and {mf} is not readable without CAP_SYS_ADMIN") from None
+        return f, inner
+
+
+def _in_root(sroot: SafeRoot, name: str, inner: str) -> ObjectIdent:
+    """Object ``name`` at ``inner`` (canonical) inside the root, not loaded;
+    IdentifyError when it cannot be read or is not an ELF object."""
+    try:
+        with sroot.open(inner) as f:
+            return _object_from_file(name, f, inner, sroot.to_host(inner), loaded=False)
+    except (OSError, ValueError) as e:
+        raise IdentifyError(f"{name} at {inner} in {sroot.root}: {e}") from None
+
+
+def _process_root(pid: int) -> tuple[TargetIdent, str]:
+    """The process's TargetIdent with its root, mode and mount namespace filled in, and
+    its root link (``/proc/PID/root``'s target)."""
     proc = f"/proc/{pid}"
     if not os.path.isdir(proc):
         raise IdentifyError(f"no such process: {pid}")
     try:
         root_link = os.readlink(f"{proc}/root")
         same_mnt = os.stat(f"{proc}/ns/mnt").st_ino == os.stat("/proc/self/ns/mnt").st_ino
-        maps = _proc_maps(pid)
     except PermissionError as e:
         raise IdentifyError(f"cannot read /proc/{pid} ({e.strerror}): run as root or the process owner") from None
     except FileNotFoundError:
@@ -408,52 +253,72 @@ def identify_process(pid: int) -> TargetIdent:
         mode, root = "chroot", f"{proc}/root"
         root_dir = (root_link if same_mnt and os.path.isdir(root_link) and os.path.samefile(root_link, root)
                     else None)
-    sroot = SafeRoot(root)
-    # /proc/PID/maps and /proc/PID/exe show paths from the namespace's "/": strip the chroot
-    prefix = root_link.rstrip("/") if root_link != "/" and not root_link.endswith(" (deleted)") else None
+    t = TargetIdent(kind="process", mode=mode, root=root, root_dir=root_dir, pid=pid,
+                    mount_ns="host" if same_mnt else "own")
+    return t, root_link
 
-    def target_view(p: str) -> tuple[str, bool]:
+
+class _TargetView:
+    """Paths in /proc/PID/maps and /proc/PID/exe are seen from the namespace's "/": for
+    a chroot()ed process they carry the chroot's prefix, stripped here."""
+
+    def __init__(self, root_link: str):
+        self.prefix = root_link.rstrip("/") if root_link != "/" and not root_link.endswith(" (deleted)") else None
+
+    def __call__(self, p: str) -> tuple[str, bool]:
+        """(path as the target sees it, deleted on disk)."""
         deleted = p.endswith(" (deleted)")
         if deleted:
             p = p[: -len(" (deleted)")]
-        if prefix and (p == prefix or p.startswith(prefix + "/")):
-            p = p[len(prefix):] or "/"   # /proc/PID/maps shows host paths for a chroot
+        if self.prefix and (p == self.prefix or p.startswith(self.prefix + "/")):
+            p = p[len(self.prefix):] or "/"   # /proc/PID/maps shows host paths for a chroot
         return p, deleted
 
-    t = TargetIdent(kind="process", mode=mode, root=root, root_dir=root_dir, pid=pid,
-                    mount_ns="host" if same_mnt else "own")
-    try:
-        exe, _ = target_view(os.readlink(f"{proc}/exe"))
-        t.exe = exe
-        try:
-            t.exe_host = sroot.host_path(exe)
-        except (OSError, ValueError):
-            t.exe_host = None
-    except OSError:
-        pass
-    t.distro = read_os_release(sroot)
 
+def _exe_of(t: TargetIdent, sroot: SafeRoot, view: _TargetView) -> None:
+    try:
+        exe, _ = view(os.readlink(f"/proc/{t.pid}/exe"))
+    except OSError:
+        return
+    t.exe = exe
+    try:
+        t.exe_host = sroot.host_path(exe)
+    except (OSError, ValueError):
+        t.exe_host = None
+
+
+def _mapped_objects(t: TargetIdent, view: _TargetView) -> dict[str, ObjectIdent]:
+    """The glibc objects mapped in the process, read through /proc/PID/map_files (the
+    very file mapped); unreadable ones become warnings."""
+    try:
+        maps = _proc_maps(t.pid)
+    except PermissionError as e:
+        raise IdentifyError(f"cannot read /proc/{t.pid} ({e.strerror}): run as root or the process owner") from None
+    except FileNotFoundError:
+        raise IdentifyError(f"process {t.pid} went away") from None
     found: dict[str, ObjectIdent] = {}
-    for rng, off, raw, _ in maps:
-        path, deleted = target_view(raw)
+    for rng, off, raw, inode in maps:
+        path, deleted = view(raw)
         name = _which(os.path.basename(path))
         if name is None or name in found or off != 0:
             continue
-        mf = f"{proc}/map_files/{rng}"
         try:
-            with open(mf, "rb") as f:
-                o = _object_from_file(name, f, path, mf, loaded=True)
+            f, via = _open_mapped(t.pid, rng, path, inode)
+            with f:
+                o = _object_from_file(name, f, path, via, loaded=True)
         except (OSError, ValueError) as e:
-            t.warnings.append(f"cannot read mapped {path} via {mf}: {e}")
+            t.warnings.append(f"cannot read mapped {path}: {e}")
             continue
         if o.soname and o.soname != name:
             continue
         o.deleted = deleted
         found[name] = o
-    libc = found.get(LIBC)
-    if libc is None:
-        raise IdentifyError(f"process {pid} has no libc.so.6 mapped (static or not glibc?)")
-    t.arch = libc.arch
+    return found
+
+
+def _not_yet_mapped(t: TargetIdent, sroot: SafeRoot, libc: ObjectIdent, found: dict[str, ObjectIdent]) -> None:
+    """Add the resolver objects the process has not mapped yet (glibc < 2.34 loads
+    libresolv/libnss_dns at the first lookup), as its loader would find them in its root."""
     libc_dir = os.path.dirname(libc.path) if libc.path else None
     for name in resolver_sonames(libc.glibc_version):
         if name in found:
@@ -462,12 +327,31 @@ def identify_process(pid: int) -> TargetIdent:
         if p is None:
             t.warnings.append(f"{name} is not mapped and not found in the target's root")
             continue
-        with sroot.open(p) as f:
-            o = _object_from_file(name, f, p, sroot.to_host(p), loaded=False)
+        try:
+            o = _in_root(sroot, name, p)
+        except IdentifyError as e:
+            t.warnings.append(f"{name} is not mapped and unreadable in the target's root: {e}")
+            continue
         o.note = "not-mapped"
         found[name] = o
+
+
+def identify_process(pid: int) -> TargetIdent:
+    """Identify the resolver's glibc objects of a live process."""
+    t, root_link = _process_root(pid)
+    view = _TargetView(root_link)
+    found = _mapped_objects(t, view)
+    sroot = SafeRoot(t.root)
+    _exe_of(t, sroot, view)
+    t.distro = read_os_release(sroot)
+    libc = found.get(LIBC)
+    if libc is None:
+        raise IdentifyError(f"process {pid} has no libc.so.6 mapped (static or not glibc?)")
+    t.arch = libc.arch
+    _not_yet_mapped(t, sroot, libc, found)
     t.objects = [found[n] for n in (LIBC, LIBRESOLV, LIBNSS_DNS)
                  if n in found and n in resolver_sonames(libc.glibc_version)]
+    libc_dir = os.path.dirname(libc.path) if libc.path else None
     _fill_package(t, sroot, libc)
     _find_thread_db(t, sroot, [libc_dir] if libc_dir else [])
     return t
@@ -549,21 +433,19 @@ def identify_root(root: str) -> TargetIdent:
     for a in ("amd64", "arm64", "i386", None):
         libc_path = find_library(sroot, LIBC, a)
         if libc_path:
-            arch = _arch_of(sroot, libc_path)
+            arch = arch_of(sroot, libc_path)
             break
     if not libc_path:
         raise IdentifyError(f"no libc.so.6 found in {root}")
+    libc = _in_root(sroot, LIBC, libc_path)
     t = TargetIdent(kind="rootfs", mode="file", root=sroot.root, root_dir=sroot.root, arch=arch)
     t.distro = read_os_release(sroot)
-    with sroot.open(libc_path) as f:
-        libc = _object_from_file(LIBC, f, libc_path, sroot.to_host(libc_path), loaded=False)
     objs = [libc]
     d = os.path.dirname(libc_path)
     for name in resolver_sonames(libc.glibc_version)[1:]:
         p = find_library(sroot, name, arch, [d])
         if p:
-            with sroot.open(p) as f:
-                objs.append(_object_from_file(name, f, p, sroot.to_host(p), loaded=False))
+            objs.append(_in_root(sroot, name, p))
     t.objects = objs
     _fill_package(t, sroot, libc)
     _find_thread_db(t, sroot, [d])

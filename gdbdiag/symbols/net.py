@@ -10,12 +10,14 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-__all__ = ["FetchError", "NotFound", "Progress", "http_get", "http_download"]
+from ..errors import GdbdiagError
+
+__all__ = ["FetchError", "NotFound", "Progress", "http_get", "http_download", "sha256_file"]
 
 USER_AGENT = "gdbdiag-symbols/0.1 (+python-urllib)"
 
 
-class FetchError(Exception):
+class FetchError(GdbdiagError):
     """A download failed; str() is a one-line cause."""
 
 
@@ -62,6 +64,15 @@ class Progress:
         if self.enabled and self._drawn:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def sha256_file(path: str) -> str:
+    """The SHA256 (hex) of a file's content, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _describe(url: str, e: BaseException, timeout: float) -> str:

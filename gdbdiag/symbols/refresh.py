@@ -19,7 +19,8 @@ from . import analyze, extract
 from .cache import SymbolCache
 from .debdata import default_data_path, load_data, save_data
 from .identify import LIBC, LIBNSS_DNS, LIBRESOLV, ObjectIdent, TargetIdent, _which, resolver_sonames
-from .sources import Context, DebianArchive, Settings, SourceError, fetch_symbols
+from .archive import Context, DebianArchive, Settings, SourceError
+from .sources import fetch_symbols
 
 ROLES = (LIBC, LIBRESOLV, LIBNSS_DNS)
 

@@ -15,13 +15,19 @@ import errno
 import os
 import stat
 
+from ..errors import GdbdiagError
+
 __all__ = ["SafeRoot", "EscapeError"]
 
 _O_PATH = getattr(os, "O_PATH", 0o10000000)
 
 
-class EscapeError(OSError):
-    """Raised for a path that cannot be resolved inside the root (loops, bad names)."""
+class EscapeError(GdbdiagError, OSError):
+    """Raised for a path that cannot be resolved inside the root (loops, bad names).
+    An OSError too (``EscapeError(errno, message)``): callers treat it as one."""
+
+    def __init__(self, err: int, message: str):
+        OSError.__init__(self, err, message)
 
 
 def _split(path: str) -> list[str]:

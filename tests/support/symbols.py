@@ -1,11 +1,10 @@
-"""Test support for gdbdiag.symbols (used by tests/test_symbols*.py): local HTTP
+"""Test support for gdbdiag.symbols (tests/test_symbols*.py, test_glibcsrc.py, …): local HTTP
 servers in the layouts the sources expect, and fixtures built from *real* Debian
 packages (downloaded once through the verified Debian path and kept under
 ``$GDBDIAG_TEST_CACHE``, default /var/cache/gdbdiag-test)."""
 from __future__ import annotations
 
 import functools
-import hashlib
 import http.server
 import os
 import shutil
@@ -15,9 +14,10 @@ import tempfile
 import threading
 from contextlib import contextmanager
 
-from . import extract
-from .cache import SymbolCache
-from .sources import Context, DebianArchive, Settings
+from gdbdiag.symbols import extract
+from gdbdiag.symbols.archive import Context, DebianArchive, Settings
+from gdbdiag.symbols.cache import SymbolCache
+from gdbdiag.symbols.net import http_download, http_get, sha256_file
 
 __all__ = ["TEST_CACHE", "ROOTFS_BASE", "rootfs", "serve_dir", "blackhole", "real_deb", "debian_mirror",
            "build_deb", "extract_debug_files", "tree_snapshot"]
@@ -69,7 +69,7 @@ def rootfs(rel: str, wait: float | None = None) -> str | None:
     import time
 
     if ROOTFS_BASE is None:
-        from ..lab.rootfs import ensure_release
+        from gdbdiag.lab.rootfs import ensure_release
         return str(ensure_release(rel))
     if wait is None:
         wait = float(os.environ.get("GDBDIAG_ROOTFS_WAIT", "900"))
@@ -95,7 +95,7 @@ def real_deb(package: str, version: str, arch: str = "amd64") -> tuple[str, dict
     d = os.path.join(TEST_CACHE, "debs")
     os.makedirs(d, exist_ok=True)
     dest = os.path.join(d, os.path.basename(ent["Filename"]))
-    if os.path.isfile(dest) and _sha256(dest) == ent["SHA256"]:
+    if os.path.isfile(dest) and sha256_file(dest) == ent["SHA256"]:
         return dest, ent, base, suite
     tmp = tempfile.mkdtemp(dir=d)
     try:
@@ -106,32 +106,14 @@ def real_deb(package: str, version: str, arch: str = "amd64") -> tuple[str, dict
     return dest, ent, base, suite
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def debian_mirror(dest: str, suite: str, debs: dict[str, str], base: str = "http://deb.debian.org/debian",
                   arch: str = "amd64") -> str:
     """Lay out a local copy of one real suite in ``dest``: the real signed InRelease, the
     real Packages.xz it lists (by-hash and by name), and ``debs`` {pool Filename: local
     file} (pass a tampered file to test refusal).  Returns ``dest``."""
-    from .net import http_get, http_download
-    from debian import deb822
 
     ref = os.path.join(TEST_CACHE, "mirror-src", suite)
-    os.makedirs(ref, exist_ok=True)
-    inrel = os.path.join(ref, "InRelease")
-    if not os.path.isfile(inrel):
-        data = http_get(f"{base}/dists/{suite}/InRelease", timeout=60)
-        with open(inrel + ".tmp", "wb") as f:
-            f.write(data)
-        os.replace(inrel + ".tmp", inrel)
-    with open(inrel, "rb") as f:
-        rel = deb822.Release(f.read().decode())
+    inrel, rel = inrelease(base, suite, ref)
     name = f"main/binary-{arch}/Packages.xz"
     e = next(x for x in rel["SHA256"] if x["name"] == name)
     pk = os.path.join(ref, e["sha256"])
@@ -153,11 +135,27 @@ def debian_mirror(dest: str, suite: str, debs: dict[str, str], base: str = "http
     return dest
 
 
+def inrelease(base: str, suite: str, ref: str, refresh: bool = False):
+    """(path, parsed deb822.Release) of ``suite``'s real InRelease, kept in ``ref``
+    (downloaded when missing, or again with ``refresh``)."""
+    from debian import deb822
+
+    inrel = os.path.join(ref, "InRelease")
+    if refresh or not os.path.isfile(inrel):
+        os.makedirs(ref, exist_ok=True)
+        data = http_get(f"{base}/dists/{suite}/InRelease", timeout=60)
+        with open(inrel + ".part", "wb") as f:
+            f.write(data)
+        os.replace(inrel + ".part", inrel)
+    with open(inrel, "rb") as f:
+        return inrel, deb822.Release(f.read().decode())
+
+
 def build_deb(dest: str, files: dict[str, str], package: str = "libc6-dbg", version: str = "1.0",
               arch: str = "amd64", compression: str = "xz", use_dpkg: bool = True) -> str:
     """Build a .deb at ``dest`` whose data holds ``files`` {path in package: local file}.
-    With ``use_dpkg`` it is built by ``dpkg-deb -b -Z<compression>``; else assembled here
-    (ar + tar.<compression>, compression in gz/xz/zst/none)."""
+    With ``use_dpkg`` it is built by ``dpkg-deb -b -Z<compression>``; else assembled
+    without dpkg (tar.<compression> here, compression in gz/xz/zst/none, binutils' ``ar``)."""
     tmp = tempfile.mkdtemp()
     try:
         root = os.path.join(tmp, "root")
@@ -207,16 +205,20 @@ def _build_deb_py(root: str, dest: str, compression: str) -> str:
 
     control, cext = compress(tar_of(os.path.join(root, "DEBIAN")), "gz")
     data, dext = compress(tar_of(root, exclude="DEBIAN"), compression)
-    members = [("debian-binary", b"2.0\n"), ("control.tar" + cext, control), ("data.tar" + dext, data)]
-    with open(dest, "wb") as f:
-        f.write(b"!<arch>\n")
-        for name, body in members:
-            hdr = f"{name:<16}{0:<12}{0:<6}{0:<6}{'100644':<8}{len(body):<10}`\n".encode()
-            assert len(hdr) == 60
-            f.write(hdr)
-            f.write(body)
-            if len(body) % 2:
-                f.write(b"\n")
+    members = {"debian-binary": b"2.0\n", "control.tar" + cext: control, "data.tar" + dext: data}
+    tmp = tempfile.mkdtemp()
+    try:
+        for name, body in members.items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(body)
+        # binutils' ar (D: zero timestamps and ids), members in the order a .deb needs;
+        # `ar r` adds to an existing archive: start from none
+        if os.path.exists(dest):
+            os.unlink(dest)
+        subprocess.run(["ar", "rcD", os.path.abspath(dest)] + list(members), cwd=tmp, check=True,
+                       capture_output=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
