@@ -48,15 +48,17 @@ from typing import Callable
 from elftools.common.exceptions import DWARFError, ELFError
 from elftools.elf.elffile import ELFFile
 
-from .glibc.elfscan import tpoff_relocs
+from .glibc.elfscan import ElfImage, tpoff_relocs
+from .procfs import (Mapping, ProcError, ProcMem, file_maps, parse_syscall_line, read_text,
+                     s32)
 
 from .core import events as E
 from .core.events import Event
 from .core.flags import POLLIN, decode_flags, decode_options, sticky_bits
-from .symbols.elfinfo import elf_facts, glibc_banner
+from .symbols.elfinfo import glibc_banner
 
 __all__ = ["PassiveSampler", "ThreadSample", "Layout", "PassiveError", "ProcMem",
-           "locate", "RESOLVER_WAIT", "parse_syscall_line"]
+           "locate", "FileFacts", "RESOLVER_WAIT", "parse_syscall_line"]
 
 RESOLVER_WAIT = "resolver_wait"      # a resolver poll that is not (known to be) doomed
 MEMORY, INFERRED, MEASURED = "memory", E.INFERRED, "measured"
@@ -76,126 +78,9 @@ _ROLE_RE = {
 }
 
 
-class PassiveError(Exception):
-    """The target cannot be sampled (one-line reason in str())."""
-
-
-# ---------------------------------------------------------------------------------------
-# reading the target
-# ---------------------------------------------------------------------------------------
-class ProcMem:
-    """Reads through /proc/PID/mem (pread). A read that fails or comes back short
-    returns None: a thread may exit, a list may change, the process may go away."""
-
-    def __init__(self, pid: int):
-        self.pid = pid
-        try:
-            self.fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise PassiveError(f"no such process: {pid}") from None
-        except PermissionError as e:
-            raise PassiveError(f"cannot read /proc/{pid}/mem ({e.strerror}): run as root "
-                               "or as the process owner (ptrace read access)") from None
-        self.reads = 0
-        self.failed = 0
-
-    def read(self, addr: int, n: int) -> bytes | None:
-        if addr <= 0 or addr + n > (1 << 64):
-            return None
-        self.reads += 1
-        try:
-            b = os.pread(self.fd, n, addr)
-        except (OSError, OverflowError, ValueError):
-            self.failed += 1
-            return None
-        if len(b) != n:
-            self.failed += 1
-            return None
-        return b
-
-    def u64(self, addr):
-        b = self.read(addr, 8)
-        return None if b is None else struct.unpack("<Q", b)[0]
-
-    def i64(self, addr):
-        b = self.read(addr, 8)
-        return None if b is None else struct.unpack("<q", b)[0]
-
-    def u32(self, addr):
-        b = self.read(addr, 4)
-        return None if b is None else struct.unpack("<I", b)[0]
-
-    def i32(self, addr):
-        b = self.read(addr, 4)
-        return None if b is None else struct.unpack("<i", b)[0]
-
-    def close(self):
-        if self.fd is not None:
-            try:
-                os.close(self.fd)
-            except OSError:
-                pass
-            self.fd = None
-
-
-def _read_text(path: str) -> str | None:
-    try:
-        with open(path) as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
-def parse_syscall_line(text: str | None) -> dict | None:
-    """``/proc/PID/task/TID/syscall``: ``{"nr", "args" (6), "sp", "pc"}``; ``{"nr": None,
-    "running": True}`` when the thread is on a CPU; ``{"nr": -1, sp, pc}`` when blocked
-    outside a system call; None when unreadable."""
-    if text is None:
-        return None
-    parts = text.split()
-    if not parts:
-        return None
-    if parts[0] == "running":
-        return {"nr": None, "running": True}
-    try:
-        nums = [int(p, 0) for p in parts]
-    except ValueError:
-        return None
-    if nums[0] == -1 and len(nums) >= 3:
-        return {"nr": -1, "args": [], "sp": nums[1], "pc": nums[2]}
-    if len(nums) < 9:
-        return None
-    return {"nr": nums[0], "args": nums[1:7], "sp": nums[7], "pc": nums[8]}
-
-
-def _s32(v: int) -> int:
-    v &= 0xFFFFFFFF
-    return v - (1 << 32) if v & 0x80000000 else v
-
-
-@dataclass
-class _Mapping:
-    start: int
-    end: int
-    offset: int
-    path: str
-
-
-def _maps(pid: int) -> list[_Mapping]:
-    out = []
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            for line in f:
-                parts = line.rstrip("\n").split(None, 5)
-                if len(parts) < 6 or not parts[5].startswith("/"):
-                    continue
-                a, b = parts[0].split("-")
-                out.append(_Mapping(int(a, 16), int(b, 16), int(parts[2], 16), parts[5]))
-    except FileNotFoundError:
-        raise PassiveError(f"process {pid} went away") from None
-    except PermissionError as e:
-        raise PassiveError(f"cannot read /proc/{pid}/maps ({e.strerror})") from None
-    return out
+# The /proc readers live in gdbdiag.procfs (shared with gdbdiag.scan); re-exported here.
+PassiveError = ProcError     # the target cannot be sampled (one-line reason in str())
+_read_text, _s32, _Mapping, _maps = read_text, s32, Mapping, file_maps
 
 
 # ---------------------------------------------------------------------------------------
@@ -211,7 +96,38 @@ class _Obj:
     build_id: str | None = None
 
 
-def _open_obj(pid: int, role: str, maps: list[_Mapping]) -> _Obj | None:
+def _load_facts(host: str) -> tuple[int | None, str | None]:
+    """(p_vaddr - p_offset of the lowest PT_LOAD, build-id) of an ELF file."""
+    img = ElfImage(host)
+    lo = img.loads[0] if img.loads else None       # (p_vaddr, p_memsz, p_offset, ...), sorted
+    return (None if lo is None else lo[0] - lo[2]), img.build_id()
+
+
+class FileFacts:
+    """Memo of what :func:`locate` reads from ELF files -- load segments, build-id, glibc
+    banner, symbols, TPOFF64 relocations, debug-file lookups and their DWARF: functions of
+    the file alone, so every process mapping the same build shares them (gdbdiag scan
+    keeps one for a whole node). Keys: the build-id, or the file's identity (st_dev,
+    st_ino, size, mtime) for its load facts. Without one, :func:`locate` reads every file
+    anew (a fresh memo per call). ``debug_files=False``: no debug file is looked up
+    (ABI offsets; send_dg's ranges then come from the caller, e.g. the analyzer)."""
+
+    def __init__(self, debug_files: bool = True):
+        self.memo: dict = {}
+        self.hits = self.misses = 0
+        self.debug_files = debug_files
+
+    def get(self, key, compute):
+        if key in self.memo:
+            self.hits += 1
+            return self.memo[key]
+        self.misses += 1
+        v = self.memo[key] = compute()     # an exception is not memoized
+        return v
+
+
+def _open_obj(pid: int, role: str, maps: list[_Mapping], files: FileFacts | None = None) -> _Obj | None:
+    files = files if files is not None else FileFacts()
     first: dict[str, _Mapping] = {}
     for m in maps:
         p = m.path[:-len(" (deleted)")] if m.path.endswith(" (deleted)") else m.path
@@ -226,40 +142,32 @@ def _open_obj(pid: int, role: str, maps: list[_Mapping]) -> _Obj | None:
         host = f"/proc/{pid}/root{path}"
     o = _Obj(role=role, path=path, host=host, start=m.start)
     try:
-        with open(host, "rb") as f:
-            elf = ELFFile(f)
-            loads = [s for s in elf.iter_segments() if s["p_type"] == "PT_LOAD"]
-            if loads:
-                lo = min(loads, key=lambda s: s["p_vaddr"])
-                # the lowest mapping maps file offset m.offset; in that segment it is at
-                # p_vaddr + (m.offset - p_offset)
-                o.bias = m.start - ((lo["p_vaddr"] - lo["p_offset"] + m.offset) & ~0xFFF)
-            else:
-                o.bias = m.start
-        with open(host, "rb") as f:
-            o.build_id = elf_facts(f).build_id
+        st = os.stat(host)
+        base, o.build_id = files.get(("load", st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns),
+                                     lambda: _load_facts(host))
+        # the lowest mapping maps file offset m.offset; in that segment it is at
+        # p_vaddr + (m.offset - p_offset)
+        o.bias = m.start if base is None else m.start - ((base + m.offset) & ~0xFFF)
     except Exception:   # the target's files are foreign input: any parse failure = not usable
         return None
     return o
 
 
-def _symbols(elf: ELFFile, names, sections=(".dynsym", ".symtab")) -> dict[str, dict]:
-    """{name: {value, size, type, bind, defined, section}} for the wanted names, the first
-    defined occurrence over ``sections`` in order."""
+_BIND = {0: "STB_LOCAL", 1: "STB_GLOBAL", 2: "STB_WEAK"}
+
+
+def _symbols(path: str, names, sections=(".dynsym", ".symtab")) -> dict[str, dict]:
+    """{name: {value, size, type, bind, section}} for the wanted names, the first
+    defined occurrence over ``sections`` in order (ELF file ``path``)."""
+    img = ElfImage(path)
     want = set(names)
     out: dict[str, dict] = {}
     for sn in sections:
-        sec = elf.get_section_by_name(sn)
-        if sec is None or sec["sh_type"] == "SHT_NOBITS":
-            continue
-        for n in list(want - set(out)):
-            for s in sec.get_symbol_by_name(n) or []:
-                if s["st_shndx"] == "SHN_UNDEF":
-                    continue
-                out[n] = {"value": s["st_value"], "size": s["st_size"],
-                          "type": s["st_info"]["type"], "bind": s["st_info"]["bind"],
-                          "section": sn}
-                break
+        table = img.dynsym() if sn == ".dynsym" else img.symtab() if sn == ".symtab" else []
+        for s in table:
+            if s.name in want and s.name not in out and s.shndx != 0:
+                out[s.name] = {"value": s.value, "size": s.size, "type": "STT_" + s.type,
+                               "bind": _BIND.get(s.bind, s.bind), "section": sn}
     return out
 
 
@@ -356,8 +264,24 @@ class Layout:
         return d
 
 
-def _debug_file_for(build_id: str | None, cache_dir: str | None) -> str | None:
-    if not build_id:
+def _banner(host: str):
+    with open(host, "rb") as f:
+        return glibc_banner(f)
+
+
+def _debug_facts(dbg: str) -> tuple[list, dict | None]:
+    """send_dg's (and send_dg.cold's) link-time ranges from a debug file's .symtab, in
+    order, and ``struct __res_state`` from the DWARF of send_dg's CU."""
+    syms = ElfImage(dbg).symtab()
+    ranges = []
+    for nm in ("send_dg", "send_dg.cold"):
+        ranges += [(s.value, s.value + s.size) for s in syms if s.name == nm and s.type == "FUNC" and s.size]
+    with open(dbg, "rb") as f:
+        return ranges, _res_state_from_dwarf(ELFFile(f), ranges[0][0] if ranges else None)
+
+
+def _debug_file_for(build_id: str | None, cache_dir: str | None, files: FileFacts | None = None) -> str | None:
+    if not build_id or (files is not None and not files.debug_files):
         return None
     try:
         from .symbols.cache import SymbolCache, default_cache_dir
@@ -367,47 +291,49 @@ def _debug_file_for(build_id: str | None, cache_dir: str | None) -> str | None:
 
 
 def locate(pid: int, mem: ProcMem, cache_dir: str | None = None,
-           glibc_version: str | None = None) -> Layout:
+           glibc_version: str | None = None, files: FileFacts | None = None) -> Layout:
     """Find the thread lists, the ``__resp`` TLS offset, the ``__res_state`` offsets and
-    send_dg's address ranges of process ``pid`` (reads only)."""
+    send_dg's address ranges of process ``pid`` (reads only). ``files``: a
+    :class:`FileFacts` memo shared across processes (none: every file is read anew)."""
+    files = files if files is not None else FileFacts()
     lay = Layout(pid=pid, glibc_version=glibc_version)
     maps = _maps(pid)
-    objs = {r: _open_obj(pid, r, maps) for r in _ROLE_RE}
+    objs = {r: _open_obj(pid, r, maps, files) for r in _ROLE_RE}
     libc = objs["libc"]
     if libc is None:
         raise PassiveError(f"process {pid} has no libc.so.6 mapped (static, or not glibc)")
     for r, o in objs.items():
         if o is not None:
             lay.objects[r] = {"path": o.path, "bias": o.bias, "build_id": o.build_id}
+
+    def from_elf(o: _Obj, what: tuple, fn):
+        def compute():
+            with open(o.host, "rb") as f:
+                return fn(ELFFile(f))
+        return files.get((o.build_id or o.host,) + what, compute)
+
+    def syms(o: _Obj, names: list, sections: tuple) -> dict:
+        return files.get((o.build_id or o.host, "syms", tuple(names), sections),
+                         lambda: _symbols(o.host, names, sections))
+
     if lay.glibc_version is None:
         try:
-            with open(libc.host, "rb") as f:
-                b = glibc_banner(f)
+            b = files.get((libc.build_id or libc.host, "banner"), lambda: _banner(libc.host))
             lay.glibc_version = b[1] if b else None
         except OSError:
             pass
 
-    def elf_of(o: _Obj):
-        return ELFFile(open(o.host, "rb"))
-
     # -- libc: descriptors (2.34+), __resp TLS slot, _res -------------------------------------
-    libc_elf = elf_of(libc)
-    try:
-        want = ["_thread_db_rtld_global__dl_stack_used", "_thread_db_rtld_global__dl_stack_user",
-                "_thread_db_pthread_list", "_thread_db_pthread_tid", "_res"]
-        ls = _symbols(libc_elf, want, (".dynsym",))
-        if "_res" in ls:
-            lay.main_res = libc.bias + ls["_res"]["value"]
-        slots = [(libc, off, how) for off, how in tpoff_relocs(libc_elf)]
-    finally:
-        libc_elf.stream.close()
+    want = ["_thread_db_rtld_global__dl_stack_used", "_thread_db_rtld_global__dl_stack_user",
+            "_thread_db_pthread_list", "_thread_db_pthread_tid", "_res"]
+    ls = syms(libc, want, (".dynsym",))
+    if "_res" in ls:
+        lay.main_res = libc.bias + ls["_res"]["value"]
+    slots = [(libc, off, how) for off, how in from_elf(libc, ("tpoff",), lambda e: list(tpoff_relocs(e)))]
     if objs["libresolv"] is not None:
         try:
-            e = elf_of(objs["libresolv"])
-            try:
-                slots += [(objs["libresolv"], off, how) for off, how in tpoff_relocs(e)]
-            finally:
-                e.stream.close()
+            slots += [(objs["libresolv"], off, how) for off, how in
+                      from_elf(objs["libresolv"], ("tpoff",), lambda e: list(tpoff_relocs(e)))]
         except (OSError, ELFError):
             pass
     for o, off, how in slots:
@@ -428,11 +354,7 @@ def locate(pid: int, mem: ProcMem, cache_dir: str | None = None,
 
     # -- thread lists ----------------------------------------------------------------------
     if "_thread_db_rtld_global__dl_stack_used" in ls and objs["ld"] is not None:
-        e = elf_of(objs["ld"])
-        try:
-            rs = _symbols(e, ["_rtld_global"], (".dynsym", ".symtab"))
-        finally:
-            e.stream.close()
+        rs = syms(objs["ld"], ["_rtld_global"], (".dynsym", ".symtab"))
         if "_rtld_global" in rs:
             rtld = objs["ld"].bias + rs["_rtld_global"]["value"]
             for nm in ("_dl_stack_used", "_dl_stack_user"):
@@ -447,19 +369,14 @@ def locate(pid: int, mem: ProcMem, cache_dir: str | None = None,
                     lay.pthread_off_from = "libc _thread_db_pthread_* (.dynsym)"
     elif objs["libpthread"] is not None:
         lp = objs["libpthread"]
-        e = elf_of(lp)
-        try:
-            ps = _symbols(e, ["stack_used", "__stack_user", "_thread_db_pthread_list",
-                              "_thread_db_pthread_tid"], (".symtab", ".dynsym"))
-        finally:
-            e.stream.close()
+        pnames = ["stack_used", "__stack_user", "_thread_db_pthread_list", "_thread_db_pthread_tid"]
+        ps = syms(lp, pnames, (".symtab", ".dynsym"))
         src = "libpthread .symtab"
         if "stack_used" not in ps:
-            dbg = _debug_file_for(lp.build_id, cache_dir)
+            dbg = files.get(("debug-file", lp.build_id, cache_dir),
+                            lambda: _debug_file_for(lp.build_id, cache_dir, files))
             if dbg:
-                with open(dbg, "rb") as f:
-                    ps = _symbols(ELFFile(f), ["stack_used", "__stack_user", "_thread_db_pthread_list",
-                                               "_thread_db_pthread_tid"], (".symtab",))
+                ps = files.get(("debug-syms", dbg), lambda: _symbols(dbg, pnames, (".symtab",)))
                 src = f"libpthread debug file {dbg}"
         for nm in ("stack_used", "__stack_user"):
             if nm in ps:
@@ -488,36 +405,29 @@ def locate(pid: int, mem: ProcMem, cache_dir: str | None = None,
                          "lookup): send_dg frame check unavailable until then")
     if holder is not None:
         lay.send_dg_object = os.path.basename(holder.path)
-        dbg = _debug_file_for(holder.build_id, cache_dir)
-        if dbg is None:
+        dbg = files.get(("debug-file", holder.build_id, cache_dir),
+                        lambda: _debug_file_for(holder.build_id, cache_dir, files))
+        if dbg is None and not files.debug_files:
+            lay.notes.append("debug files not used: ABI offsets of struct __res_state")
+        elif dbg is None:
             lay.notes.append(f"no verified debug file for {lay.send_dg_object} "
                              f"({holder.build_id}) in the symbol cache: ABI offsets, no send_dg "
                              "frame check (run `gdbdiag symbols PID`)")
         else:
             lay.debug_file = dbg
             try:
-                with open(dbg, "rb") as f:
-                    delf = ELFFile(f)
-                    ss = delf.get_section_by_name(".symtab")
-                    ranges = []
-                    if ss is not None:
-                        for nm in ("send_dg", "send_dg.cold"):
-                            for s in ss.get_symbol_by_name(nm) or []:
-                                if s["st_info"]["type"] == "STT_FUNC" and s["st_size"]:
-                                    ranges.append((holder.bias + s["st_value"],
-                                                   holder.bias + s["st_value"] + s["st_size"]))
-                    if ranges:
-                        lay.send_dg = sorted(set(ranges))
-                        lay.send_dg_from = f"{dbg} .symtab (send_dg, send_dg.cold)"
-                    near = (ranges[0][0] - holder.bias) if ranges else None
-                    rs = _res_state_from_dwarf(delf, near)
-                    if rs is not None:
-                        lay.res_off = {"options": rs["options"], "_flags": rs["_flags"]}
-                        lay.res_off_from = f"dwarf:{dbg}"
-                        if rs.get("options_size") not in (None, 8) or rs.get("_flags_size") not in (None, 4):
-                            lay.notes.append(f"unexpected __res_state member sizes {rs}")
-                    else:
-                        lay.notes.append("struct __res_state not found in the debug file's DWARF: ABI offsets")
+                ranges, rs = files.get(("debug-facts", dbg), lambda: _debug_facts(dbg))
+                ranges = [(holder.bias + lo, holder.bias + hi) for lo, hi in ranges]
+                if ranges:
+                    lay.send_dg = sorted(set(ranges))
+                    lay.send_dg_from = f"{dbg} .symtab (send_dg, send_dg.cold)"
+                if rs is not None:
+                    lay.res_off = {"options": rs["options"], "_flags": rs["_flags"]}
+                    lay.res_off_from = f"dwarf:{dbg}"
+                    if rs.get("options_size") not in (None, 8) or rs.get("_flags_size") not in (None, 4):
+                        lay.notes.append(f"unexpected __res_state member sizes {rs}")
+                else:
+                    lay.notes.append("struct __res_state not found in the debug file's DWARF: ABI offsets")
             except (OSError, ELFError, DWARFError) as e:
                 lay.notes.append(f"cannot read debug file {dbg}: {e}")
     return lay
@@ -608,17 +518,18 @@ class PassiveSampler:
 
     def __init__(self, pid: int, interval: float = 0.05, affected: bool | None = None,
                  cache_dir: str | None = None, confirm_samples: int = 2,
-                 glibc_version: str | None = None):
+                 glibc_version: str | None = None, files: FileFacts | None = None):
         self.pid = int(pid)
         self.interval = float(interval)
         self.affected = affected
         self.confirm_samples = max(1, int(confirm_samples))
         self.cache_dir = cache_dir
+        self.files = files           # a FileFacts memo shared with other samplers (gdbdiag scan)
         if not os.path.isdir(f"/proc/{self.pid}"):
             raise PassiveError(f"no such process: {self.pid}")
         self.mem = ProcMem(self.pid)
         try:
-            self.layout = locate(self.pid, self.mem, cache_dir, glibc_version)
+            self.layout = locate(self.pid, self.mem, cache_dir, glibc_version, self.files)
         except (OSError, ELFError, DWARFError, ValueError, KeyError, IndexError, struct.error) as e:
             self.mem.close()
             raise PassiveError(f"cannot locate the resolver state of {self.pid}: "
@@ -791,7 +702,7 @@ class PassiveSampler:
             self._relocated_at = time.monotonic()
             try:
                 if any(_ROLE_RE["libresolv"].match(os.path.basename(m.path)) for m in _maps(self.pid)):
-                    self.layout = lay = locate(self.pid, self.mem, self.cache_dir, lay.glibc_version)
+                    self.layout = lay = locate(self.pid, self.mem, self.cache_dir, lay.glibc_version, self.files)
             except (PassiveError, OSError, ELFError, DWARFError):
                 pass
         by_tid: dict[int, dict] = {}
