@@ -90,11 +90,11 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-class _Stop(Exception):
-    pass
+class _Stop(GdbdiagError):
+    """A signal ended the run (control flow inside run(); never reaches the CLI)."""
 
 
-class _Passive(Exception):
+class _Passive(GdbdiagError):
     def __init__(self, res):
         super().__init__("passive run over")
         self.res = res
@@ -228,8 +228,9 @@ def run(args) -> int:
                  "(no ptrace, no breakpoint; --backend gdb inserts breakpoints, if you accept "
                  "their hazard)")
             args.passive, args.escalate = True, False
-        else:
-            return _run_uprobe(pid, args, facts)
+    if args.backend == "uprobe" or (args.passive and not args.escalate):
+        # passive sampling alone needs no debugger and no symbols: never the gdb path
+        return _run_uprobe(pid, args, facts)
 
     stop = {"why": None}
 
@@ -443,7 +444,8 @@ def _run_uprobe(pid: int, args, facts: dict) -> int:
         if args.passive:
             res, suspect = _run_passive(pid, args, stop, deadline)
             passive_events = res["events"]
-            if suspect is None or stop["why"] or deadline - time.monotonic() <= 1:
+            if not args.escalate or suspect is None or stop["why"] or \
+                    deadline - time.monotonic() <= 1:
                 rep = _passive_report(pid, res, facts)
                 return _deliver(pid, rep, args, facts)
             if not args.quiet:
@@ -451,7 +453,18 @@ def _run_uprobe(pid: int, args, facts: dict) -> int:
                      f"{deadline - time.monotonic():.0f} s")
         try:
             arm_s = run_.arm()
-        except (ProbeUnavailable, NoPlan) as exc:
+        except ProbeUnavailable as exc:
+            if passive_events:              # escalation refused: the samples stand
+                raise GdbdiagError(f"kernel probes: {exc}") from exc
+            # the capabilities looked right, the kernel said no (e.g. uprobes need
+            # CAP_SYS_ADMIN on recent kernels): say so, and sample instead
+            run_.close()
+            _say(f"gdbdiag: kernel probes refused: {exc}; sampling passively instead (no "
+                 "ptrace, no breakpoint)")
+            args.escalate = False
+            res, _ = _run_passive(pid, args, stop, deadline)
+            return _deliver(pid, _passive_report(pid, res, facts), args, facts)
+        except NoPlan as exc:
             raise GdbdiagError(f"kernel probes: {exc}") from exc
         if not args.quiet:
             _say(f"gdbdiag: {run_.armed_line(arm_s)}; {pid} ({facts['name']}, {facts['threads']} "

@@ -73,6 +73,14 @@ def _check_ptrace_permission(pid: int, st: dict) -> None:
         refuse(f"no ptrace permission: process {pid} runs as uid {uids[1]} and gdbdiag lacks "
                "CAP_SYS_PTRACE (run as root, or in Kubernetes add SYS_PTRACE: "
                "`kubectl debug --profile=sysadmin` / capabilities.add: [SYS_PTRACE])")
+    # classic rule (cap_ptrace_access_check): without CAP_SYS_PTRACE, a tracer must hold
+    # every capability the target holds — a root debug container with all capabilities
+    # dropped (kubectl debug --profile=restricted) cannot attach to a root container
+    their = int(st.get("CapPrm", "0") or "0", 16)
+    if not has_cap and their & ~_caps():
+        refuse(f"no ptrace permission: process {pid} holds capabilities this process lacks "
+               "and gdbdiag lacks CAP_SYS_PTRACE (grant SYS_PTRACE and SYS_ADMIN: "
+               "`gdbdiag pod --caps minimal`, docs/field.md)")
     if scope == 1 and not has_cap:
         refuse("Yama ptrace_scope is 1 (only a parent may attach) and this process lacks "
                "CAP_SYS_PTRACE (run as root, `sysctl kernel.yama.ptrace_scope=0`, or in "

@@ -200,6 +200,25 @@ def test_no_probe_capabilities_says_so_and_samples(lab_factory, tmp_path):
     assert json.loads(out.read_text())["run"]["mode"] == "passive"
 
 
+def test_kernel_refuses_uprobes_without_sys_admin(lab_factory, tmp_path):
+    """CAP_PERFMON + CAP_BPF without CAP_SYS_ADMIN: enough before Linux 6.16, refused by
+    newer kernels at the first uprobe. Either way the run ends with a diagnosis: probes,
+    or one line saying the kernel refused and a passive run (no symbols needed, offline)."""
+    lab = lab_factory(release="bullseye", workload="redis", fault="none")
+    out = tmp_path / "rep.json"
+    r = subprocess.run(["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin",
+                        *GD, "attach", str(lab.pid), "--duration", "3", "--offline",
+                        "--symbols", "off", "--json", str(out)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    mode = json.loads(out.read_text())["run"]["mode"]
+    said = [l for l in r.stdout.splitlines() if "kernel probes refused" in l]
+    if mode == "passive":
+        assert len(said) == 1 and "CAP_SYS_ADMIN" in said[0] and "sampling passively" in said[0]
+    else:
+        assert mode == "armed" and not said, r.stdout
+
+
 @pytest.mark.parametrize("mode", ["armed", "full"])
 def test_healthy(lab_factory, tmp_path, mode):
     lab = lab_factory(release="bullseye", workload="redis", fault="none")

@@ -14,6 +14,8 @@ import mmap
 import os
 import struct
 
+from ..errors import GdbdiagError, one_line
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 NR_BPF, NR_PERF_EVENT_OPEN = 321, 298            # x86-64
@@ -31,6 +33,7 @@ SIZE_CODE = {1: B, 2: H, 4: W, 8: DW}
 
 # helpers (include/uapi/linux/bpf.h)
 MAP_LOOKUP, MAP_UPDATE, MAP_DELETE, KTIME_NS, PID_TGID = 1, 2, 3, 5, 14
+NS_PID_TGID = 120            # bpf_get_ns_current_pid_tgid: pid/tgid in a given PID namespace
 PROBE_READ_USER, PROBE_READ_KERNEL, PROBE_READ_USER_STR = 112, 113, 114
 RINGBUF_RESERVE, RINGBUF_SUBMIT, RINGBUF_DISCARD = 131, 132, 133
 RB_NO_WAKEUP = 1
@@ -42,8 +45,15 @@ PT_REGS = {"r15": 0, "r14": 8, "r13": 16, "r12": 24, "rbp": 32, "rbx": 40, "r11"
            "rdi": 112, "orig_rax": 120, "rip": 128, "rsp": 152}
 
 
-class BpfError(OSError):
-    pass
+class BpfError(GdbdiagError, OSError):
+    """A bpf(2)/perf_event_open(2) failure: ``(errno, message)`` like OSError."""
+
+    def __init__(self, err: int, message: str):
+        OSError.__init__(self, err, message)
+
+    @property
+    def line(self) -> str:
+        return one_line(self.strerror or str(self))
 
 
 class Asm:
@@ -81,6 +91,11 @@ class Asm:
 
     def xadd(self, dst, off, src):
         return self._i(STX | ATOMIC | DW, dst, src, off, ADD)
+
+    def ld64(self, dst, imm):
+        """dst = a 64-bit constant (two-slot lddw)."""
+        self._i(LD | DW | IMM, dst, 0, 0, struct.unpack("<i", struct.pack("<I", imm & 0xFFFFFFFF))[0])
+        return self._i(0, 0, 0, 0, struct.unpack("<i", struct.pack("<I", imm >> 32 & 0xFFFFFFFF))[0])
 
     def ld_map(self, dst, fd):
         self._i(LD | DW | IMM, dst, PSEUDO_MAP_FD, 0, fd)

@@ -9,19 +9,22 @@ is nothing for anyone to restore, and no signal ever reaches the target.
 """
 from __future__ import annotations
 
+import errno
 import os
 import select
 import struct
 import time
 
+from ..errors import EXIT_REFUSED, GdbdiagError
 from . import bpf, program
 
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
 RING_BYTES = 1 << 22
 
 
-class ProbeUnavailable(Exception):
+class ProbeUnavailable(GdbdiagError):
     """Kernel probes cannot run here; the message is the one-line reason."""
+    code = EXIT_REFUSED
 
 
 def effective_caps(pid: str | int = "self") -> int:
@@ -37,7 +40,7 @@ def check_available() -> None:
     caps = effective_caps()
     has = lambda c: bool(caps >> c & 1)          # noqa: E731
     if not (has(CAP_SYS_ADMIN) or (has(CAP_PERFMON) and has(CAP_BPF))):
-        raise ProbeUnavailable("kernel uprobes need CAP_PERFMON and CAP_BPF (or CAP_SYS_ADMIN); "
+        raise ProbeUnavailable("kernel uprobes need CAP_SYS_ADMIN (or, before Linux 6.16, CAP_PERFMON and CAP_BPF); "
                                "this process has neither")
     if not os.path.exists("/sys/bus/event_source/devices/uprobe/type"):
         raise ProbeUnavailable("this kernel has no uprobe PMU (CONFIG_UPROBE_EVENTS)")
@@ -77,7 +80,10 @@ class Probes:
                 if not p.late:
                     self._attach_one(p)
         except bpf.BpfError as exc:
-            raise ProbeUnavailable(str(exc)) from None
+            why = exc.strerror or str(exc)
+            if exc.errno in (errno.EPERM, errno.EACCES) and not effective_caps() >> CAP_SYS_ADMIN & 1:
+                why += " (this kernel wants CAP_SYS_ADMIN for uprobes)"
+            raise ProbeUnavailable(why) from None
         self.ring = bpf.RingReader(self.maps["ring"], RING_BYTES)
         self.poller = select.poll()
         self.poller.register(self.maps["ring"], select.POLLIN)

@@ -1,11 +1,15 @@
 """From the analyzer's findings about a target's glibc to a probe plan (host paths)."""
 from __future__ import annotations
 
+import os
+
+from ..errors import EXIT_REFUSED, GdbdiagError
 from .program import Plan
 
 
-class NoPlan(Exception):
+class NoPlan(GdbdiagError):
     """The probe points cannot be placed; the message says why (one line)."""
+    code = EXIT_REFUSED
 
 
 def target_file(pid: int, path: str) -> str:
@@ -32,6 +36,19 @@ def analyze(pid: int, ident, debug_files: dict | None = None) -> dict:
                           target_file(pid, res.path) if res else None, debug_files or {})
 
 
+def shared_pidns(pid: int) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of our PID namespace when the target is in it too (a debug
+    container sharing the target's): there `pid` is not the host's TGID, which is what
+    bpf_get_current_pid_tgid() returns, so the programs compare the namespace's numbers."""
+    try:
+        mine, theirs = os.stat("/proc/self/ns/pid"), os.stat(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
+    same = (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino)
+    # the host's own namespace (PROC_PID_INIT_INO): host PIDs are what the kernel reports
+    return (mine.st_dev, mine.st_ino) if same and mine.st_ino != 0xEFFFFFFC else None
+
+
 def make_plan(pid: int, ident, analysis: dict) -> Plan:
     """File offsets of every probe point (uprobes are placed by file offset)."""
     where = analysis.get("send_dg_object")
@@ -48,4 +65,4 @@ def make_plan(pid: int, ident, analysis: dict) -> Plan:
     return Plan(pid=pid, send_dg_file=target_file(pid, path),
                 libc_file=target_file(pid, _object(ident, "libc.so").path),
                 send_dg_entry=obj["send_dg"]["file_offset"], writers=writers,
-                gai_entry=gai.get("file_offset"))
+                gai_entry=gai.get("file_offset"), pidns=shared_pidns(pid))

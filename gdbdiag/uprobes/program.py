@@ -71,6 +71,10 @@ class Plan:
     flags_off: int = RES_STATE["_flags"][0]
     nssocks_off: int = RES_STATE["_u._ext.nssocks"][0]
     anscp_cfa_off: int = SEND_DG_STACK_ARGS["anscp"]
+    # (st_dev, st_ino) of the PID namespace gdbdiag and the target share, when they do
+    # (a debug container sharing the target's PID namespace): the programs then match
+    # `pid` and report TIDs as that namespace numbers them, not the host's
+    pidns: tuple[int, int] | None = None
 
 
 @dataclass
@@ -88,15 +92,24 @@ class Gen:
     """Code generation for one program. r6 = ctx, r7 = tid, r8 = record, r9 = user
     pt_regs (tracepoints: read with probe_read_kernel; uprobes: r6 itself)."""
 
-    def __init__(self, pid: int, maps: dict, probe_id: int, raw_tp: bool = False):
+    def __init__(self, pid: int, maps: dict, probe_id: int, raw_tp: bool = False,
+                 pidns: tuple[int, int] | None = None):
         self.a, self.maps, self.id, self.raw_tp = Asm(), maps, probe_id, raw_tp
         self.n = 0
         a = self.a
         a.mov(R6, R1)
-        a.call(bpf.PID_TGID)
-        a.mov(R7, R0).alu(RSH, R7, 32)
-        a.jmp(JNE, R7, "out", imm=pid)                    # another process: nothing
-        a.mov(R7, R0).alu(LSH, R7, 32).alu(RSH, R7, 32)   # r7 = tid
+        if pidns:                                         # struct bpf_pidns_info at fp-8
+            a.ld64(R1, pidns[0]).ld64(R2, pidns[1]).mov(R3, FP).alu(ADD, R3, -8).movi(R4, 8)
+            a.call(bpf.NS_PID_TGID)
+            a.jmp(JNE, R0, "out", imm=0)                  # current is in another PID namespace
+            a.ldx(4, R7, FP, -4)                          # tgid in that namespace
+            a.jmp(JNE, R7, "out", imm=pid)                # another process: nothing
+            a.ldx(4, R7, FP, -8)                          # r7 = tid in that namespace
+        else:
+            a.call(bpf.PID_TGID)
+            a.mov(R7, R0).alu(RSH, R7, 32)
+            a.jmp(JNE, R7, "out", imm=pid)                # another process: nothing
+            a.mov(R7, R0).alu(LSH, R7, 32).alu(RSH, R7, 32)   # r7 = tid
         if raw_tp:
             a.ldx(8, R9, R6, 0)                           # args[0]: struct pt_regs *
 
@@ -207,7 +220,8 @@ class Builder:
         return n
 
     def add(self, kind, file, offset, fn, late=False):
-        g = Gen(self.plan.pid, self.maps, len(self.probes), raw_tp=kind != "uprobe")
+        g = Gen(self.plan.pid, self.maps, len(self.probes), raw_tp=kind != "uprobe",
+                pidns=self.plan.pidns)
         fn(g)
         self.probes.append(Probe(len(self.probes), kind, file, offset, g.done(), late))
 

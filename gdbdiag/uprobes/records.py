@@ -13,10 +13,11 @@ import struct
 from ..core import events as E
 from ..core.events import Event
 from ..core.flags import parse_dns_header, parse_question
+from ..errors import GdbdiagError
 from .program import HDR, NAMELEN, POLL_REGS, QLEN
 
 
-class RecordError(ValueError):
+class RecordError(GdbdiagError, ValueError):
     pass
 
 
