@@ -49,8 +49,8 @@ from elftools.common.exceptions import DWARFError, ELFError
 from elftools.elf.elffile import ELFFile
 
 from .glibc.elfscan import ElfImage, tpoff_relocs
-from .procfs import (Mapping, ProcError, ProcMem, file_maps, parse_syscall_line, read_text,
-                     s32)
+from .procfs import (Mapping, ProcError, ProcMem, file_maps, mapped_file, parse_syscall_line,
+                     read_text, s32)
 
 from .core import events as E
 from .core.events import Event
@@ -137,9 +137,7 @@ def _open_obj(pid: int, role: str, maps: list[_Mapping], files: FileFacts | None
     if not first:
         return None
     path, m = min(first.items(), key=lambda kv: kv[1].start)
-    host = f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}"
-    if not os.path.exists(host):
-        host = f"/proc/{pid}/root{path}"
+    host = mapped_file(pid, m.start, m.end, path)
     o = _Obj(role=role, path=path, host=host, start=m.start)
     try:
         st = os.stat(host)

@@ -134,6 +134,26 @@ class Mapping:
     inode: int = 0
 
 
+def mapped_file(pid: int, start: int, end: int, path: str, inode: int | None = None) -> str | None:
+    """Where this host reads the file mapped at [start, end) of ``pid``: the very file
+    through /proc/PID/map_files (needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE), else
+    ``path`` inside the process's root (CAP_SYS_PTRACE is enough) — when ``inode`` is
+    given, only if that is still the mapped inode. None when neither can be used."""
+    mf = f"/proc/{pid}/map_files/{start:x}-{end:x}"
+    try:
+        os.stat(mf)
+        return mf
+    except OSError:
+        pass
+    inner = f"/proc/{pid}/root{path}"
+    if inode is None:
+        return inner
+    try:
+        return inner if os.stat(inner).st_ino == inode else None
+    except OSError:
+        return None
+
+
 def read_maps(pid: int) -> list[Mapping]:
     """Every mapping of ``pid``. Raises ProcError when the process is gone or the file
     cannot be read (no permission); an empty list is a process without memory (a kernel

@@ -33,6 +33,7 @@ from elftools.elf.elffile import ELFFile
 from .errors import GdbdiagError
 from .glibc.elfscan import leb128
 from .passive import PassiveError, ProcMem
+from .procfs import mapped_file
 from .symbols.elfinfo import read_build_id
 
 __all__ = ["Frame", "UnwindError", "unwind", "REGS", "clear_cache"]
@@ -307,10 +308,7 @@ def _open_obj(pid: int, m: _Map, mem) -> _Obj | None:
         return _cached(f"vdso:{bid or hash(data)}", lambda: _Obj(elf, bid))
     if not m.path.startswith("/"):
         return None
-    host = f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}"
-    if not os.path.exists(host):
-        host = f"/proc/{pid}/root{m.path}"
-    with open(host, "rb") as f:
+    with open(mapped_file(pid, m.start, m.end, m.path), "rb") as f:
         st = os.fstat(f.fileno())
         ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         with _lock:

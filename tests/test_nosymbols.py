@@ -12,14 +12,12 @@ import os
 import pytest
 
 from gdbdiag.codecheck import diff_code
-from test_attach import Runner
+from test_attach import RELEASE_VERDICTS, Runner
 
 pytestmark = pytest.mark.lab
 
 
-@pytest.mark.parametrize("release,verdict", [("bullseye", "STICKY_STALLING"),
-                                             ("bookworm", "STICKY_NO_STALL"),
-                                             ("trixie", "STICKY_NO_STALL")])
+@pytest.mark.parametrize("release,verdict", RELEASE_VERDICTS)
 def test_diagnosis_with_no_symbols_and_no_network(lab_factory, tmp_path, release, verdict):
     lab = lab_factory(release=release, workload="redis", fault="none")
     cache = tmp_path / "empty-cache"

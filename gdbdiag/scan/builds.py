@@ -15,7 +15,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from ..procfs import file_maps
+from ..procfs import file_maps, mapped_file
 from .classify import GlibcProc
 
 _LIBRESOLV = re.compile(r"^libresolv(?:-2\.\d+)?\.so(?:\.2)?$")
@@ -60,21 +60,13 @@ class Build:
 
 
 def _libc_host_path(p: GlibcProc) -> str | None:
-    """The very file mapped (map_files needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE),
-    else the path inside the process's root if it is still the mapped inode."""
-    mf = f"/proc/{p.pid}/map_files/{p.libc_map[0]:x}-{p.libc_map[1]:x}"
+    """The very file mapped, else the path inside the process's root if it is still
+    the mapped inode."""
     try:
-        os.stat(mf)
-        return mf
-    except OSError:
-        pass
-    path = f"/proc/{p.pid}/root{p.libc_path}"
-    try:
-        if os.stat(path).st_ino == int(p.libc_key.rsplit(":", 1)[1]):
-            return path
-    except (OSError, ValueError):
-        pass
-    return None
+        inode = int(p.libc_key.rsplit(":", 1)[1])
+    except ValueError:
+        return None
+    return mapped_file(p.pid, p.libc_map[0], p.libc_map[1], p.libc_path, inode)
 
 
 def _mapped_libresolv(pid: int) -> str | None:

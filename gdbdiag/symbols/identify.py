@@ -19,6 +19,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from ..errors import EXIT_USAGE, GdbdiagError
+from ..procfs import mapped_file
 from . import elfinfo
 from .rootfs import SafeRoot
 from .rootinfo import (arch_of, dpkg_owner, dpkg_package, find_library, parse_ld_so_cache, parse_os_release,
@@ -204,21 +205,7 @@ def _proc_maps(pid: int) -> list[tuple[str, int, str, int]]:
     return out
 
 
-def _open_mapped(pid: int, rng: str, path: str, inode: int):
-    """(file, how it was reached): the very file mapped through /proc/PID/map_files
-    (needs CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE), else the same path inside the
-    process's root when it is still the mapped inode (CAP_SYS_PTRACE is enough)."""
-    mf = f"/proc/{pid}/map_files/{rng}"
-    try:
-        return open(mf, "rb"), mf
-    except PermissionError:
-        inner = f"/proc/{pid}/root{path}"
-        f = open(inner, "rb")
-        if os.fstat(f.fileno()).st_ino != inode:
-            f.close()
-            raise OSError(f"{path} in the process's root is no longer the mapped file "
-                          f"and {mf} is not readable without CAP_SYS_ADMIN") from None
-        return f, inner
+
 
 
 def _in_root(sroot: SafeRoot, name: str, inner: str) -> ObjectIdent:
@@ -302,9 +289,14 @@ def _mapped_objects(t: TargetIdent, view: _TargetView) -> dict[str, ObjectIdent]
         name = _which(os.path.basename(path))
         if name is None or name in found or off != 0:
             continue
+        start, end = (int(x, 16) for x in rng.split("-"))
+        via = mapped_file(t.pid, start, end, path, inode)
+        if via is None:
+            t.warnings.append(f"cannot read mapped {path}: /proc/{t.pid}/map_files needs "
+                              "CAP_SYS_ADMIN and the path in its root is no longer that file")
+            continue
         try:
-            f, via = _open_mapped(t.pid, rng, path, inode)
-            with f:
+            with open(via, "rb") as f:
                 o = _object_from_file(name, f, path, via, loaded=True)
         except (OSError, ValueError) as e:
             t.warnings.append(f"cannot read mapped {path}: {e}")

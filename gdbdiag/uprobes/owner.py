@@ -99,10 +99,6 @@ class Probes:
             os.close(prog)           # the attachment holds the program
         p.late = False
 
-    @property
-    def pending(self) -> bool:
-        return any(p.late for p in self.probes)
-
     def attach_late(self) -> int:
         """Attach the probes kept for later (lean/armed mode, once a thread is detailed)."""
         late = [p for p in self.probes if p.late] if self.maps else []
