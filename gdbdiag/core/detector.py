@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from . import events as E
 from .events import Event
 from .flags import decode_flags, decode_options, decode_poll, sticky_bits
+from .sampling import SampleTracker
 from .shadow import Query, SendDgShadow
 
 
@@ -21,6 +22,7 @@ class ThreadState:
     sticky: bool = False
     sticky_field: str | None = None
     since: float | None = None
+    since_how: str | None = None         # how the switch was seen (a read of a set bit: "before")
     cause: str | None = None
     options: int | None = None
     flags: int | None = None
@@ -38,7 +40,8 @@ class ThreadState:
 
     def summary(self) -> dict:
         return {"lwp": self.lwp, "name": self.name, "sticky": self.sticky,
-                "sticky_field": self.sticky_field, "since": self.since, "cause": self.cause,
+                "sticky_field": self.sticky_field, "since": self.since,
+                "since_how": self.since_how, "cause": self.cause,
                 "options": self.options, "flags": self.flags, "last_query": self.last_query,
                 "last_stall_ms": self.last_stall_ms, "doomed_polls": self.doomed,
                 "stalls": self.stalls, "stack": self.stack}
@@ -55,9 +58,16 @@ def _qlabel(q: Query | None) -> str:
 
 
 class Detector:
+    SETTINGS = ("accepts_header_only", "resolv_conf_single_request", "flag_probe",
+                "sticky_field", "affected", "confirm_samples")
+
     def __init__(self, accepts_header_only: bool = False, resolv_conf_single_request=None,
-                 flag_probe: bool = True, sticky_field: str | None = None):
+                 flag_probe: bool = True, sticky_field: str | None = None,
+                 affected: bool | None = None, confirm_samples: int = 2):
         self.threads: dict[int, ThreadState] = {}
+        self.run: dict = {}                  # the stream's ``run`` record (source, build facts)
+        # passive samples (``sample``/``sampled``): affected = bug 30081 in this build
+        self.sampling = SampleTracker(self, affected, confirm_samples)
         # With a probe on the instruction that sets the sticky bit, engagement is read
         # there; without one (lean mode), it is inferred from the timeout that causes it.
         self.flag_probe = flag_probe
@@ -69,6 +79,23 @@ class Detector:
         # True/False when the target's resolv.conf was read: tells a thread that is serial
         # from its first lookup ("options single-request") from one switched by a loss.
         self.resolv_conf_single_request = resolv_conf_single_request
+
+    def settings(self) -> dict:
+        """What a ``run`` record carries so that a replay decides the same way."""
+        return {"accepts_header_only": self.accepts_header_only,
+                "resolv_conf_single_request": self.resolv_conf_single_request,
+                "flag_probe": self.flag_probe, "sticky_field": self.sticky_field,
+                "affected": self.sampling.affected,
+                "confirm_samples": self.sampling.confirm_samples}
+
+    def configure(self, settings: dict) -> None:
+        for k, v in (settings or {}).items():
+            if k == "affected":
+                self.sampling.affected = v
+            elif k == "confirm_samples":
+                self.sampling.confirm_samples = max(1, int(v))
+            elif k in self.SETTINGS:
+                setattr(self, k, v)
 
     def thread(self, lwp: int) -> ThreadState:
         if lwp not in self.threads:
@@ -96,6 +123,7 @@ class Detector:
         if th.sticky:
             return []
         th.sticky, th.sticky_field, th.since, th.cause = True, field_, ev.t, cause
+        th.since_how = how
         data = {"field": field_, "cause": cause, "how": how,
                 "lost_qname": lost.qname if lost else None,
                 "lost_qtype": lost.qtype if lost else None,
@@ -121,6 +149,17 @@ class Detector:
     def _on_status(self, th: ThreadState, ev: Event) -> list[Event]:
         return self._already_sticky(th, ev, "status",
                                     "already set when gdbdiag attached (an earlier lost answer)")
+
+    def _on_run(self, th: ThreadState, ev: Event) -> list[Event]:
+        self.run = dict(ev.data)
+        self.configure(ev.get("detector"))
+        return []
+
+    def _on_sample(self, th: ThreadState, ev: Event) -> list[Event]:
+        return self.sampling.sample(th, ev)
+
+    def _on_sampled(self, th: ThreadState, ev: Event) -> list[Event]:
+        return self.sampling.snapshot(ev)
 
     def _on_gai_enter(self, th, ev):
         th.lookup = ev.get("name")
@@ -310,4 +349,5 @@ class Detector:
         return rows
 
     def thread_summaries(self) -> list[dict]:
-        return [t.summary() for t in sorted(self.threads.values(), key=lambda t: t.lwp)]
+        return [dict(t.summary(), **self.sampling.extras(t.lwp))
+                for t in sorted(self.threads.values(), key=lambda t: t.lwp)]

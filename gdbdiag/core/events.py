@@ -1,7 +1,13 @@
 """The event model: what the gdb glue observes, and what the detector concludes.
 
-An :class:`Event` is one observation at one probe (``kind`` is the probe's meaning), or
-one finding of the detector. Every value carries its provenance in ``prov``:
+An :class:`Event` is one observation at one probe (``kind`` is the probe's meaning), one
+sample of a thread read from /proc (passive), or one finding of the detector. Every source
+(gdb breakpoints, kernel probes, passive samples) writes the same stream: a ``run`` record
+first (the source, the build's facts, the detector's settings), then observations, with
+the findings interleaved (``"finding": true`` in the JSON); feeding the observations to a
+fresh :class:`~gdbdiag.core.detector.Detector` reproduces the findings.
+
+Every value carries its provenance in ``prov``:
 
 - ``register`` / ``memory`` / ``dwarf`` — read from the target at that PC;
 - ``inferred`` — reconstructed by the send_dg shadow state machine from earlier events.
@@ -31,9 +37,13 @@ RECVFROM_RETURN = "recvfrom_return"
 FLAG_WRITE = "flag_write"          # statp->options |= RES_SNGLKUP (or _flags) just ran
 SEND_DG_RETURN = "send_dg_return"
 STATUS = "status"                  # a thread's _res read at attach time
+SAMPLE = "sample"                  # passive: one thread's _res and syscall in one snapshot
+SAMPLED = "sampled"                # passive: a snapshot is complete (data: tids seen)
+RUN = "run"                        # a stream's first record: the source, the build's facts and
+                                   # the detector's settings (so any stream replays alone)
 OBSERVATIONS = (GAI_ENTER, GAI_RETURN, CHAIN, SEND_DG_ENTER, POLL_ENTER, POLL_RETURN,
                 SENDMMSG_RETURN, SEND_RETURN, RECVFROM_RETURN, FLAG_WRITE, SEND_DG_RETURN,
-                STATUS)
+                STATUS, SAMPLE, SAMPLED, RUN)
 
 # Findings (from the detector)
 LOST_ANSWER = "lost_answer"        # a poll timed out with one of two answers missing
@@ -72,9 +82,17 @@ class Event:
                    prov=d.get("prov", {}), pc=d.get("pc"))
 
 
+def to_line(ev: Event, finding: bool = False) -> str:
+    """One JSON line of a stream (findings carry ``"finding": true``)."""
+    d = ev.to_json()
+    if finding:
+        d["finding"] = True
+    return json.dumps(d, sort_keys=True) + "\n"
+
+
 def dump_stream(events: Iterable[Event], fh) -> None:
     for ev in events:
-        fh.write(json.dumps(ev.to_json(), sort_keys=True) + "\n")
+        fh.write(to_line(ev, ev.kind in FINDINGS))
 
 
 def load_stream(fh) -> Iterator[Event]:
@@ -82,3 +100,34 @@ def load_stream(fh) -> Iterator[Event]:
         line = line.strip()
         if line:
             yield Event.from_json(json.loads(line))
+
+
+class StreamTail:
+    """The records appended to a stream file since the last :meth:`read`, as
+    ``(event, is_finding)``: the file is read once, from where the last read ended (a line
+    still being written waits for its end), so a day-long run costs neither time nor
+    memory that grows with the stream. A line that is not a record is counted and skipped."""
+
+    def __init__(self, path: str):
+        self.path, self.pos, self.partial, self.bad = str(path), 0, b"", 0
+
+    def read(self, limit: int = 1 << 22) -> list[tuple[Event, bool]]:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self.pos)
+                chunk = fh.read(limit)
+        except FileNotFoundError:
+            return []
+        self.pos += len(chunk)
+        lines = (self.partial + chunk).split(b"\n")
+        self.partial = lines.pop()
+        out = []
+        for raw in lines:
+            if not raw.strip():
+                continue
+            try:
+                d = json.loads(raw)
+                out.append((Event.from_json(d), bool(d.get("finding"))))
+            except (ValueError, KeyError, TypeError):
+                self.bad += 1
+        return out

@@ -1,6 +1,8 @@
 """Text rendering shared by the plugin and the host side (pure; tabulate when present)."""
 from __future__ import annotations
 
+import time
+
 from . import events as E
 from .flags import decode_flags, decode_options
 
@@ -18,6 +20,22 @@ def table(rows, headers) -> str:
         [len(h) for h in headers]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+SEEN_SET = ("status", "send_dg_enter", "passive:status")
+
+
+def since_text(t: dict) -> str:
+    """When a thread went sticky: as given (the plugin's wording), else the local time of
+    ``since`` (seconds since the epoch)."""
+    if t.get("since_text"):
+        return t["since_text"]
+    since = t.get("since")
+    if not isinstance(since, (int, float)) or not t.get("sticky"):
+        return ""
+    text = time.strftime("%H:%M:%S", time.localtime(since)) + f".{int(since * 1000) % 1000:03d}"
+    # a bit found set (not seen switching): it was set before that read
+    return f"before {text}" if t.get("since_how") in SEEN_SET else text
 
 
 def who(lwp, name=None) -> str:
@@ -62,7 +80,7 @@ def status_rows(threads: list[dict]) -> list[list]:
                      f"{t['options']:#x} {decode_options(t['options'])}" if t.get("options") is not None else "?",
                      f"{t['flags']:#x} {decode_flags(t['flags'])}" if t.get("flags") is not None else "-",
                      ("yes (" + (t.get("sticky_field") or "?") + ")") if t.get("sticky") else "no",
-                     t.get("since_text") or "", t.get("cause") or "",
+                     since_text(t), t.get("cause") or "",
                      t.get("nameservers") or "", t.get("resolver") or "",
                      t.get("last_query") or "",
                      f"{t['last_stall_ms']:.0f} ms" if t.get("last_stall_ms") else ""])
@@ -87,7 +105,7 @@ def report_text(rep: dict) -> str:
     thr = [t for t in rep.get("threads", []) if t.get("sticky") or t.get("resolver_seen")]
     if thr:
         out.append(table([[t["lwp"], t.get("lwp_target"), t.get("name"),
-                           "yes" if t["sticky"] else "no", t.get("since_text") or "",
+                           "yes" if t["sticky"] else "no", since_text(t),
                            t.get("cause") or ""] for t in thr],
                          ["LWP", "LWP (target ns)", "thread", "sticky", "since", "cause"]))
     if rep.get("stalls"):

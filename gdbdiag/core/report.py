@@ -55,6 +55,7 @@ def build(detector, target: dict, glibc: dict, symbols: dict, observations: list
         "events": rows,
         "threads": [{"lwp": t["lwp"], "lwp_target": target.get("lwp_map", {}).get(str(t["lwp"])),
                      "name": t.get("name"), "sticky": t["sticky"], "since": t.get("since"),
+                     "since_how": t.get("since_how"),
                      "cause": t.get("cause"), "sticky_field": t.get("sticky_field"),
                      "options": t.get("options"), "flags": t.get("flags"),
                      "last_query": t.get("last_query"), "stalls": t.get("stalls"),

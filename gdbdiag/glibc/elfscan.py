@@ -5,8 +5,8 @@ build-id, ``.dynsym``, RELA relocations, PLT slots and ``.eh_frame`` function bo
 Everything is parsed with :mod:`struct` from the file's bytes (one read), because
 pyelftools' generic paths are too slow for libc.so.6 on the attach path (its
 ``EH_CFI_entries()`` alone takes ~0.5 s there; the ``.eh_frame_hdr`` table read here
-takes ~1 ms).  pyelftools is used only by :func:`tpoff_relocs`, a drop-in for
-``gdbdiag.passive._tpoff_relocs`` that takes a pyelftools ``ELFFile``.
+takes ~1 ms).  pyelftools is used only by :func:`tpoff_relocs` (for :mod:`gdbdiag.passive.layout`), which
+takes a pyelftools ``ELFFile``.
 """
 from __future__ import annotations
 
@@ -413,8 +413,8 @@ def cfa_rows(start: int, ins: bytes) -> list[tuple[int, int | None]]:
 
 
 def tpoff_relocs(elf, sym: str = "__resp") -> list[tuple[int, str]]:
-    """Drop-in for ``gdbdiag.passive._tpoff_relocs``: same input (a pyelftools ``ELFFile``
-    on an open file, plus the TLS symbol name) and output ``[(r_offset, how)]``, the GOT
+    """Input: a pyelftools ``ELFFile`` on an open file, plus the TLS symbol name; output
+    ``[(r_offset, how)]``, the GOT
     slots of the ``R_X86_64_TPOFF64`` relocations that resolve to ``sym`` (named ones first,
     then anonymous ones whose addend is ``sym``'s ``.dynsym`` st_value)."""
     stream = elf.stream
