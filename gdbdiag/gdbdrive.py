@@ -23,6 +23,9 @@ PROMPT = "(gdbdiag-gdb) "
 _PROMPT_RE = re.escape(PROMPT)
 
 
+OUTPUT_KEEP = 1 << 20
+
+
 class GdbError(GdbdiagError, RuntimeError):
     pass
 
@@ -66,10 +69,15 @@ class Gdb:
             raise GdbError(out.strip().splitlines()[-1])
         self.attached = True
 
+    def _keep(self, text: str) -> None:
+        """What gdb printed, the last OUTPUT_KEEP characters of it (a day-long run must
+        not grow the runner's memory; the runner reads the event stream, not this)."""
+        self.output = (self.output + text)[-OUTPUT_KEEP:]
+
     def _expect_prompt(self, timeout=None) -> str:
         self.child.expect(_PROMPT_RE, timeout=timeout or self.timeout)
         text = self.child.before
-        self.output += text
+        self._keep(text)
         return text
 
     def cmd(self, line: str, timeout: float | None = None) -> str:
@@ -87,7 +95,7 @@ class Gdb:
         """Read the running session's output until ``pattern`` (regex) appears."""
         self.child.expect(pattern, timeout=timeout)
         text = self.child.before + self.child.after
-        self.output += text
+        self._keep(text)
         return text
 
     def drain(self, seconds: float) -> str:
@@ -102,7 +110,7 @@ class Gdb:
             except pexpect.EOF:
                 break
         text = "".join(chunks)
-        self.output += text
+        self._keep(text)
         return text
 
     def interrupt(self) -> str:
@@ -112,7 +120,7 @@ class Gdb:
         # the prompt comes back at once; the stop notice follows it
         self.child.expect(r"(received signal SIGINT|Program received signal|\bstopped\.)",
                           timeout=self.timeout)
-        self.output += self.child.before + self.child.after
+        self._keep(self.child.before + self.child.after)
         self.running = False
         self.child.sendline("echo __gdbdiag_sync__\\n")
         self.child.expect("__gdbdiag_sync__\r?\n", timeout=self.timeout)

@@ -19,7 +19,7 @@ from .errors import EXIT_REFUSED, GdbdiagError
 
 __all__ = ["ProcError", "ProcMem", "Mapping", "read_text", "parse_syscall_line", "s32",
            "read_maps", "file_maps", "parse_stat", "read_stat", "parse_status", "task_ids",
-           "sched_exec_start_ms", "PF_KTHREAD"]
+           "sched_exec_start_ms", "exe_name", "PF_KTHREAD"]
 
 PF_KTHREAD = 0x00200000          # task flags (stat field 9): a kernel thread
 
@@ -232,3 +232,24 @@ def sched_exec_start_ms(path: str) -> float | None:
     moment it blocked. None when the file is absent or unreadable."""
     m = _EXEC_START.search(read_text(path) or "")
     return float(m.group(1)) if m else None
+
+
+def exe_name(pid: int) -> str | None:
+    """The program as it was started (argv[0]): ``/usr/bin/redis-server``, not the
+    symlink's target (``/usr/bin/redis-check-rdb``); a title the program set itself
+    (``redis-server *:6379``) gives its first word, placed in the executable's directory
+    when that name exists there in the process's root."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv0 = fh.read().split(b"\0", 1)[0].decode(errors="replace")
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+    first = argv0.split(" ", 1)[0]
+    if not first:
+        return exe
+    if not first.startswith("/"):
+        cand = os.path.join(os.path.dirname(exe), os.path.basename(first))
+        if os.path.lexists(f"/proc/{pid}/root{cand}"):
+            return cand
+    return first

@@ -111,6 +111,20 @@ def test_target_survives_every_way_a_run_ends(lab_factory, backend, how, tmp_pat
             assert rc == 4, r.text
             assert "report rebuilt from the recorded events" in r.text
             assert "restored" in r.text or "supervisor" in r.text
+            rebuilt = json.loads((tmp_path / "rep.json").read_text())
+            assert rebuilt["run"]["error"] and rebuilt["run"]["source"] == "gdb"
+            assert rebuilt["verdict"]["code"] == "STICKY_STALLING"
+            assert any(e["kind"] == "doomed_poll" for e in rebuilt["events"])
+            # the same glibc facts as a clean run's (they come from the stream's run record)
+            clean = Runner(lab.pid, "--backend", "gdb", "--duration", "2", "--json",
+                           tmp_path / "clean.json")
+            assert clean.finish(120) == 0, clean.text
+            facts = ("version", "distro_package", "build_id", "affected_30081", "affected_source",
+                     "sticky_field", "send_dg_object", "bug31890_fixed")
+            got = {k: rebuilt["glibc"].get(k) for k in facts}
+            assert got == {k: json.loads((tmp_path / "clean.json").read_text())["glibc"].get(k)
+                           for k in facts}
+            assert got["affected_30081"] is True and got["sticky_field"] == "options" and got["version"]
         elif backend == "uprobe":           # the runner owns the probes: the kernel removes them
             r.wait_for("doomed_poll", 30)
             os.kill(r.p.pid, signal.SIGKILL)
@@ -171,7 +185,11 @@ def test_verdicts(lab_factory, tmp_path, release, verdict):
         doomed = [e for e in rep["events"] if e["kind"] == "doomed_poll"]
         assert doomed and doomed[0]["predicted_ms"] > 4000
     assert main["lwp_target"] == 1 and main["sticky"]    # PID 1 inside its namespace
+    assert main["since_how"] == "flag_write" and main["since"] >= t0 - 1
     assert rep["target"]["nspid"] == [lab.pid, 1]
+    # named as started (redis-server is a symlink to redis-check-rdb in Debian)
+    assert rep["target"]["exe"] == "/usr/bin/redis-server"
+    assert rep["run"]["source"] == "uprobe"
     assert diff_code(lab.pid, ("libc", "libresolv", "libnss_dns")) == []
 
 
@@ -340,7 +358,12 @@ def test_lean_and_passive_modes_detect_the_same(lab_factory, tmp_path, mode, rel
         assert "AAAA answer for keydb-0.keydb.default.svc.cluster.local. lost" in eng[0]["cause"]
     if "passive" in mode:
         assert rep["run"]["passive_first"] is True
-        assert "passive sampling" in [t for t in rep["threads"] if t["lwp"] == lab.pid][0]["cause"]
+        # one detector for the whole run: the switch as the sampler saw it, then the
+        # probes' doomed poll and stall on the same thread
+        main = [t for t in rep["threads"] if t["lwp"] == lab.pid][0]
+        assert main["since_how"] == "passive:transition" and "between two samples" in main["cause"]
+        assert eng[0]["how"] == "passive:transition" and len(eng) == 1
+        assert rep["run"]["source"] == "uprobe" and rep["stalls"]
     assert diff_code(lab.pid, ("libc", "libresolv", "libnss_dns")) == []
 
 

@@ -306,10 +306,8 @@ def current_report(include_observations=True):
 
 
 def _exe(pid):
-    try:
-        return os.readlink("/proc/%d/exe" % pid)
-    except OSError:
-        return None
+    from ..procfs import exe_name
+    return exe_name(pid)
 
 
 def glibc_facts(pid, build):

@@ -3,6 +3,7 @@
 Thin: the decisions are the pure core's (gdbdiag.core); this file only moves events from
 probes to the detector and prints what it finds.
 """
+import collections
 import fnmatch
 import json
 import os
@@ -21,6 +22,7 @@ from . import target as T
 from .guards import setting, traceback_text
 
 STATE_FILE_ENV = "GDBDIAG_ARMED_FILE"   # where the batch runner's supervisor reads armed PCs
+KEEP_OBSERVATIONS = 20000
 SYMBOLS = {"source": None, "verified": None}   # set by `resolv symbols` or the batch runner
 
 
@@ -38,7 +40,7 @@ class TraceSession:
         self.full = bool(full or step or step_log) and not lean
         self.chain, self.echo = chain, echo
         self.t0 = time.time()
-        self.observations: list[Event] = []
+        self.observations = collections.deque(maxlen=KEEP_OBSERVATIONS)   # for the report
         self.probes = []
         self.analysis = None
         self.offsets = None
@@ -137,16 +139,39 @@ class TraceSession:
         return True
 
     def _seed_thread_states(self):
-        """Threads already sticky before this trace."""
+        """The stream's ``run`` record, then each thread's state now (threads already
+        sticky before this trace)."""
+        inf = gdb.selected_inferior()
+        mode = "full" if self.full else ("lean" if self.lean else "armed")
+        self._emit(Event(t=time.time(), lwp=inf.pid, kind=E.RUN,
+                         data={"source": "gdb", "mode": mode, "pid": inf.pid,
+                               "build": dict(self.build),
+                               "detector": self.detector.settings()}))
         for row in thread_states(self.offsets):
-            ev = Event(t=time.time(), lwp=row["lwp"], kind=E.STATUS,
-                       data={"options": row["options"], "flags": row["flags"],
-                             "thread_name": row["name"]},
-                       prov={"options": row["prov"], "flags": row["prov"]})
-            self.detector.feed(ev)
-            for f in self.detector.findings[-1:]:
-                if f.kind == E.STICKY_ENGAGED and f.lwp == row["lwp"] and f.t == ev.t:
-                    self.say(render.finding_line(f, self.t0, row["name"]))
+            self._emit(Event(t=time.time(), lwp=row["lwp"], kind=E.STATUS,
+                             data={"options": row["options"], "flags": row["flags"],
+                                   "thread_name": row["name"]},
+                             prov={"options": row["prov"], "flags": row["prov"]}))
+
+    def _emit(self, ev):
+        """One observation: recorded, fed to the detector; its findings recorded (with
+        glibc's source line where DWARF maps the PC) and printed."""
+        self.observations.append(ev)
+        if self._record:
+            self._record.write(E.to_line(ev))
+            self._record.flush()
+        found = self.detector.feed(ev)
+        name = self.detector.thread(ev.lwp).name
+        for f in found:
+            if f.pc is not None and f.kind in (E.STICKY_ENGAGED, E.DOOMED_POLL):
+                src = self.source_at(f.pc, color=False)
+                if src:
+                    f.data["source"] = src
+            if self._record:
+                self._record.write(E.to_line(f, finding=True))
+                self._record.flush()
+            self.say(render.finding_line(f, self.t0, name))
+        return found
 
     def _armed_line(self):
         mode = "full" if self.full else ("lean" if self.lean else "armed")
@@ -291,20 +316,8 @@ class TraceSession:
                 self.filtered.add(lwp)
         if lwp in self.filtered:
             return False
-        self.observations.append(ev)
-        if self._record:
-            self._record.write(json.dumps(ev.to_json(), sort_keys=True) + "\n")
-            self._record.flush()
-        found = self.detector.feed(ev)
+        self._emit(ev)
         name = self.detector.thread(lwp).name
-        for f in found:
-            if f.pc is not None and f.kind in (E.STICKY_ENGAGED, E.DOOMED_POLL):
-                src = self.source_at(f.pc, color=False)
-                if src:
-                    f.data["source"] = src
-            if self._record:
-                self._record.write(json.dumps(dict(f.to_json(), finding=True), sort_keys=True) + "\n")
-            self.say(render.finding_line(f, self.t0, name))
         if ev.kind == E.FLAG_WRITE and not self.escalated:
             # lean: stop just long enough to arm the sticky-thread probes (see _on_stop)
             self._escalate_pending = True

@@ -10,38 +10,31 @@ by gdbdiag, so no way the run ends can harm it.
 """
 from __future__ import annotations
 
-import collections
-import json
-import os
 import time
 
 from ..core import events as E
-from ..core import render
-from ..core import report as R
-from ..core.detector import Detector
+from ..sink import EventSink, build_report
 from ..symbols.facts import resolv_conf_single_request
 from . import plan as P
 from .owner import Probes
 from .records import Decoder, RecordError
 
-KEEP_OBSERVATIONS = 20000       # in the report; the stream file (--record) has them all
-
 
 class UprobeRun:
     def __init__(self, pid: int, mode: str = "armed", say=print, quiet: bool = False,
-                 record: str | None = None, workdir: str | None = None,
-                 step_log: str | None = None, symbols: str = "auto", offline: bool = False,
-                 source: bool = True):
+                 record: str | None = None, step_log: str | None = None,
+                 symbols: str = "auto", offline: bool = False, source: bool = True,
+                 sink: EventSink | None = None):
+        """``sink``: the run's event stream (a passive run's, when this one escalates it);
+        by default a new one recording to ``record``."""
         self.pid, self.mode, self.say, self.quiet = pid, mode, say, quiet
-        self.record = open(record, "a") if record else None
+        self.own_sink = sink is None
+        self.sink = sink or EventSink(record=record, say=say, quiet=quiet)
+        self.sink.on_finding = self._on_finding
+        self.det = self.sink.det
         self.step_log = open(step_log, "a") if step_log else None
-        self.workdir = workdir
-        self.det: Detector | None = None
         self.owner: Probes | None = None
         self.analysis: dict = {}
-        self.observations: collections.deque = collections.deque(maxlen=KEEP_OBSERVATIONS)
-        self.kinds: set[str] = set()
-        self.t0 = time.time()
         self.records_seen = 0
         self.bad_records = 0
         self._names: dict[int, str | None] = {}
@@ -51,7 +44,6 @@ class UprobeRun:
         self.symbols, self.offline, self.source = symbols, offline, source
         self.enrich = None
         self.symbols_line = ""
-        self.held: list[str] | None = []       # findings before the armed line is printed
 
     # -- set-up ------------------------------------------------------------------------------
     def arm(self) -> float:
@@ -65,9 +57,10 @@ class UprobeRun:
         from .enrich import Enrichment
         self.enrich = Enrichment(ident, self.symbols, self.offline, source=self.source)
         self.symbols_line = self.enrich.start()
-        field = self.analysis.get("sticky_field")
-        self.det = Detector(flag_probe=bool(plan.writers), sticky_field=field,
-                            resolv_conf_single_request=resolv_conf_single_request(self.pid))
+        self.sink.start("uprobe", self.mode, self.pid, self.build_facts(), {
+            "flag_probe": bool(plan.writers), "sticky_field": self.analysis.get("sticky_field"),
+            "affected": self.analysis.get("affected_30081"),
+            "resolv_conf_single_request": resolv_conf_single_request(self.pid)})
         # the writers first, then each thread's state: a thread that turns sticky in
         # between is seen by both, never by neither
         self.owner = Probes(plan, self.mode)
@@ -76,6 +69,13 @@ class UprobeRun:
         self.decoder = Decoder(self.owner.record_kinds, plan.writers,
                                time.time() - time.monotonic(), self._name)
         return time.monotonic() - t
+
+    def build_facts(self) -> dict:
+        """What the analyzer found in this build's code (the ``run`` record carries it)."""
+        a = self.analysis
+        return {"affected_30081": a.get("affected_30081"), "sticky_field": a.get("sticky_field"),
+                "send_dg_object": a.get("send_dg_object"),
+                "affected_how": (a.get(a.get("send_dg_object") or "", {}) or {}).get("fix_30081")}
 
     def _attach_late(self) -> None:
         """A thread is detailed: attach what armed mode keeps for that moment."""
@@ -116,30 +116,20 @@ class UprobeRun:
 
     # -- the run -----------------------------------------------------------------------------
     def _feed(self, ev: E.Event) -> list[E.Event]:
-        self.observations.append(ev)
-        if self.record:
-            self.record.write(json.dumps(ev.to_json(), sort_keys=True) + "\n")
-        out = self.det.feed(ev)
+        out = self.sink.feed(ev)
         if not self.late_done and self.owner is not None and (
                 ev.kind in (E.SEND_DG_ENTER, E.FLAG_WRITE) or
                 any(f.kind == E.STICKY_ENGAGED for f in out)):
             self._attach_late()
         if self.step_log and ev.kind != E.STATUS:
             rows = self.det.dump(ev)
-            self.step_log.write(f"== +{ev.t - self.t0:.6f}s LWP {ev.lwp} {ev.kind}\n" + "".join(
+            self.step_log.write(f"== +{ev.t - self.sink.t0:.6f}s LWP {ev.lwp} {ev.kind}\n" + "".join(
                 f"   {k:<24} {v}  [{how}]\n" for k, v, how in rows))
-        for f in out:
-            if f.kind == E.DOOMED_POLL:
-                self._stack(ev, f)
-            self.kinds.add(f.kind)
-            if self.record:
-                self.record.write(json.dumps(f.to_json(), sort_keys=True) + "\n")
-            line = render.finding_line(f, self.t0, self.det.thread(f.lwp).name)
-            if self.held is not None:
-                self.held.append(line)
-            elif not self.quiet:
-                self.say(line)
         return out
+
+    def _on_finding(self, f: E.Event, ev: E.Event) -> None:
+        if f.kind == E.DOOMED_POLL and ev.kind == E.POLL_ENTER:
+            self._stack(ev, f)
 
     def _stack(self, poll: E.Event, finding: E.Event) -> None:
         """The application stack of a thread that waits in a doomed poll: its registers
@@ -186,19 +176,17 @@ class UprobeRun:
             if ev is not None:
                 self._feed(ev)
 
-    def loop(self, deadline: float, stop: dict, until: str | None) -> str:
-        """Run until the deadline, a signal (``stop['why']``) or ``until``; returns why."""
+    def loop(self, deadline: float, stop, until: str | None) -> str:
+        """Run until the deadline, a signal (``stop.why``) or ``until``; returns why."""
         while True:
-            if stop.get("why"):
-                return stop["why"]
+            if stop.why:
+                return stop.why
             if time.monotonic() >= deadline:
                 return "duration"
             self.pump(0.05)
             if not _alive(self.pid):
                 return "target exited"
-            if until == "sticky" and E.STICKY_ENGAGED in self.kinds:
-                return "until"
-            if until == "stall" and E.STALL in self.kinds:
+            if self.sink.until_hit(until):
                 return "until"
 
     def close(self) -> None:
@@ -207,17 +195,14 @@ class UprobeRun:
             self.lost = self.owner.lost
             self.owner.close()
             self.owner = None
-        for fh in (self.record, self.step_log):
-            if fh:
-                fh.close()
-        self.record = self.step_log = None
+        if self.step_log:
+            self.step_log.close()
+        self.step_log = None
+        if self.own_sink:
+            self.sink.close()
 
     def release(self) -> None:
-        """Print the findings held while arming (e.g. threads already sticky)."""
-        held, self.held = self.held or [], None
-        if not self.quiet:
-            for line in held:
-                self.say(line)
+        self.sink.release()
 
     def armed_line(self, arm_s: float) -> str:
         a = self.analysis
@@ -257,28 +242,19 @@ class UprobeRun:
                 f.data["source"], f.prov["source"] = cache[addr], "dwarf"
 
     def report(self, ended_by: str, arm_s: float | None) -> dict:
-        from ..symbols.facts import glibc_facts
         if self.enrich is not None:
             self.enrich.settle(2.0)
             self._sources()
-        a = self.analysis
-        glibc = glibc_facts(self.pid, {"affected_30081": a.get("affected_30081"),
-                                       "sticky_field": a.get("sticky_field"),
-                                       "send_dg_object": a.get("send_dg_object")})
-        glibc["affected_how"] = (a.get(a.get("send_dg_object") or "", {}) or {}).get("fix_30081")
-        target = {"pid": self.pid, "exe": _exe(self.pid), "name": self._name(self.pid)}
         en = self.enrich
         symbols = {"source": [en.origin] if en and en.origin else ["none needed (disassembly)"],
                    "verified": bool(en and en.debug_files) or None,
                    "debug_files": dict(en.debug_files) if en else {},
                    "note": self.symbols_line, "errors": list(en.notes) if en else []}
-        rep = R.build(self.det, target, glibc, symbols, list(self.observations))
-        rep["run"] = {"backend": "uprobe", "mode": self.mode, "ended_by": ended_by,
-                      "attach_to_armed_s": round(arm_s, 3) if arm_s is not None else None,
-                      "records": self.records_seen, "bad_records": self.bad_records,
-                      "lost_records": self.lost,
-                      "stack_error": self.stack_error}
-        return rep
+        return build_report(self.sink, self.pid, symbols, {
+            "backend": "uprobe", "mode": self.mode, "ended_by": ended_by,
+            "attach_to_armed_s": round(arm_s, 3) if arm_s is not None else None,
+            "records": self.records_seen, "bad_records": self.bad_records,
+            "lost_records": self.lost, "stack_error": self.stack_error})
 
 
 def _alive(pid: int) -> bool:
@@ -287,12 +263,3 @@ def _alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except OSError:
         return False
-
-
-def _exe(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            argv0 = fh.read().split(b"\0", 1)[0].decode(errors="replace")
-        return argv0 or os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return None
