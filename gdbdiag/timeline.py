@@ -130,64 +130,9 @@ def svg(report: dict, width: int = 1100) -> str:
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
              f'<rect width="{width}" height="{height}" fill="#ffffff"/>']
-    # time axis
-    step = _tick(t1 - t0)
-    t = 0.0
-    while t <= (t1 - t0) + 1e-9:
-        xx = x(t0 + t)
-        parts.append(f'<line x1="{xx:.1f}" y1="{top - 10}" x2="{xx:.1f}" y2="{height - 30}" '
-                     f'stroke="#e0e0e0"/><text x="{xx:.1f}" y="{top - 14}" text-anchor="middle" '
-                     f'fill="#555">{t:g}s</text>')
-        t += step
+    parts += _svg_axis(x, t0, t1, top, height)
     for i, ln in enumerate(lanes):
-        y = top + i * lane_h
-        mid = y + lane_h / 2
-        end_sticky = x(t1)
-        parts.append(f'<text x="10" y="{mid + 4:.1f}" fill="#222" font-weight="bold">'
-                     f'{e("LWP %d" % ln.lwp)}</text><text x="10" y="{mid + 18:.1f}" fill="#555">'
-                     f'{e(ln.name or "")}</text>')
-        parts.append(f'<rect x="{left}" y="{y + 8}" width="{plot}" height="{lane_h - 16}" '
-                     f'fill="#e3f2fd"><title>parallel A/AAAA (sendmmsg)</title></rect>')
-        if ln.sticky_at is not None:
-            sx = x(ln.sticky_at)
-            parts.append(f'<rect x="{sx:.1f}" y="{y + 8}" width="{end_sticky - sx:.1f}" '
-                         f'height="{lane_h - 16}" fill="#fff3e0"><title>sticky single-request '
-                         f'(serial) mode, for the rest of the process</title></rect>')
-        for m in ln.marks:
-            mx = x(m.t)
-            tip = f"<title>{e(m.label)} (+{m.t - t0:.3f} s)</title>"
-            if m.kind == "stall":
-                w = max(2.0, x(m.t + m.dur) - mx)
-                parts.append(f'<rect x="{mx:.1f}" y="{mid - 9:.1f}" width="{w:.1f}" height="18" '
-                             f'fill="#d32f2f" opacity="0.85">{tip}</rect><text x="{mx + w / 2:.1f}" '
-                             f'y="{mid + 4:.1f}" text-anchor="middle" fill="#fff" font-size="11">'
-                             f'{m.dur:.1f} s stall</text>')
-            elif m.kind == "query_parallel":
-                parts.append(f'<line x1="{mx:.1f}" y1="{mid - 20:.1f}" x2="{mx:.1f}" y2="{mid - 6:.1f}" '
-                             f'stroke="#1565c0" stroke-width="2">{tip}</line><line x1="{mx + 3:.1f}" '
-                             f'y1="{mid - 20:.1f}" x2="{mx + 3:.1f}" y2="{mid - 6:.1f}" stroke="#1565c0" '
-                             f'stroke-width="2">{tip}</line>')
-            elif m.kind == "query_serial":
-                parts.append(f'<polygon points="{mx:.1f},{mid - 20:.1f} {mx + 6:.1f},{mid - 14:.1f} '
-                             f'{mx:.1f},{mid - 8:.1f}" fill="#ef6c00">{tip}</polygon>')
-            elif m.kind == "answer":
-                c = COLORS.get(m.rcode, "#2e7d32")
-                parts.append(f'<circle cx="{mx:.1f}" cy="{mid + 14:.1f}" r="4" fill="{c}">{tip}</circle>')
-            elif m.kind == "lost":
-                w = max(2.0, x(m.t + m.dur) - mx)
-                parts.append(f'<rect x="{mx:.1f}" y="{mid - 9:.1f}" width="{w:.1f}" height="18" '
-                             f'fill="none" stroke="#b71c1c" stroke-dasharray="4 3">{tip}</rect>'
-                             f'<text x="{mx + w / 2:.1f}" y="{mid + 4:.1f}" text-anchor="middle" '
-                             f'fill="#b71c1c" font-size="11">waiting for a lost {e(m.qtype or "")} answer'
-                             f'</text><text x="{mx + w:.1f}" y="{mid + 19:.1f}" text-anchor="middle" '
-                             f'fill="#b71c1c" font-size="16" font-weight="bold">✗{tip}</text>')
-            elif m.kind == "sticky":
-                parts.append(f'<line x1="{mx:.1f}" y1="{y + 4}" x2="{mx:.1f}" y2="{y + lane_h - 4}" '
-                             f'stroke="#e65100" stroke-width="3">{tip}</line><text x="{mx + 4:.1f}" '
-                             f'y="{y + 18}" fill="#e65100" font-weight="bold">sticky serial mode{tip}</text>')
-            elif m.kind == "doomed":
-                parts.append(f'<text x="{mx:.1f}" y="{mid - 12:.1f}" fill="#b71c1c" font-weight="bold" '
-                             f'text-anchor="middle">!{tip}</text>')
+        parts += _svg_lane(ln, x, t0, t1, top + i * lane_h, lane_h, left, plot)
     ly = height - 24
     legend = [("#1565c0", "‖ A+AAAA in parallel"), ("#ef6c00", "▶ serial query"),
               ("#78909c", "● answer (grey NXDOMAIN, green NOERROR, red error)"),
@@ -202,6 +147,81 @@ def svg(report: dict, width: int = 1100) -> str:
         lx += w
     parts.append("</svg>")
     return "".join(parts)
+
+
+def _svg_axis(x, t0: float, t1: float, top: int, height: int) -> list[str]:
+    """The time axis: a grid line and a label every tick."""
+    parts = []
+    step = _tick(t1 - t0)
+    t = 0.0
+    while t <= (t1 - t0) + 1e-9:
+        xx = x(t0 + t)
+        parts.append(f'<line x1="{xx:.1f}" y1="{top - 10}" x2="{xx:.1f}" y2="{height - 30}" '
+                     f'stroke="#e0e0e0"/><text x="{xx:.1f}" y="{top - 14}" text-anchor="middle" '
+                     f'fill="#555">{t:g}s</text>')
+        t += step
+    return parts
+
+
+def _svg_lane(ln: Lane, x, t0: float, t1: float, y: int, lane_h: int, left: int,
+              plot: int) -> list[str]:
+    """One thread's lane at height ``y``: its label, the mode background, its marks."""
+    e = html.escape
+    mid = y + lane_h / 2
+    end_sticky = x(t1)
+    parts = [f'<text x="10" y="{mid + 4:.1f}" fill="#222" font-weight="bold">'
+             f'{e("LWP %d" % ln.lwp)}</text><text x="10" y="{mid + 18:.1f}" fill="#555">'
+             f'{e(ln.name or "")}</text>',
+             f'<rect x="{left}" y="{y + 8}" width="{plot}" height="{lane_h - 16}" '
+             f'fill="#e3f2fd"><title>parallel A/AAAA (sendmmsg)</title></rect>']
+    if ln.sticky_at is not None:
+        sx = x(ln.sticky_at)
+        parts.append(f'<rect x="{sx:.1f}" y="{y + 8}" width="{end_sticky - sx:.1f}" '
+                     f'height="{lane_h - 16}" fill="#fff3e0"><title>sticky single-request '
+                     f'(serial) mode, for the rest of the process</title></rect>')
+    parts += [_svg_mark(m, x, t0, y, lane_h) for m in ln.marks]
+    return parts
+
+
+def _svg_mark(m: Mark, x, t0: float, y: int, lane_h: int) -> str:
+    """The SVG of one mark in the lane at height ``y`` ("" for an unknown kind)."""
+    e = html.escape
+    mid = y + lane_h / 2
+    mx = x(m.t)
+    tip = f"<title>{e(m.label)} (+{m.t - t0:.3f} s)</title>"
+    if m.kind == "stall":
+        w = max(2.0, x(m.t + m.dur) - mx)
+        return (f'<rect x="{mx:.1f}" y="{mid - 9:.1f}" width="{w:.1f}" height="18" '
+                f'fill="#d32f2f" opacity="0.85">{tip}</rect><text x="{mx + w / 2:.1f}" '
+                f'y="{mid + 4:.1f}" text-anchor="middle" fill="#fff" font-size="11">'
+                f'{m.dur:.1f} s stall</text>')
+    if m.kind == "query_parallel":
+        return (f'<line x1="{mx:.1f}" y1="{mid - 20:.1f}" x2="{mx:.1f}" y2="{mid - 6:.1f}" '
+                f'stroke="#1565c0" stroke-width="2">{tip}</line><line x1="{mx + 3:.1f}" '
+                f'y1="{mid - 20:.1f}" x2="{mx + 3:.1f}" y2="{mid - 6:.1f}" stroke="#1565c0" '
+                f'stroke-width="2">{tip}</line>')
+    if m.kind == "query_serial":
+        return (f'<polygon points="{mx:.1f},{mid - 20:.1f} {mx + 6:.1f},{mid - 14:.1f} '
+                f'{mx:.1f},{mid - 8:.1f}" fill="#ef6c00">{tip}</polygon>')
+    if m.kind == "answer":
+        c = COLORS.get(m.rcode, "#2e7d32")
+        return f'<circle cx="{mx:.1f}" cy="{mid + 14:.1f}" r="4" fill="{c}">{tip}</circle>'
+    if m.kind == "lost":
+        w = max(2.0, x(m.t + m.dur) - mx)
+        return (f'<rect x="{mx:.1f}" y="{mid - 9:.1f}" width="{w:.1f}" height="18" '
+                f'fill="none" stroke="#b71c1c" stroke-dasharray="4 3">{tip}</rect>'
+                f'<text x="{mx + w / 2:.1f}" y="{mid + 4:.1f}" text-anchor="middle" '
+                f'fill="#b71c1c" font-size="11">waiting for a lost {e(m.qtype or "")} answer'
+                f'</text><text x="{mx + w:.1f}" y="{mid + 19:.1f}" text-anchor="middle" '
+                f'fill="#b71c1c" font-size="16" font-weight="bold">✗{tip}</text>')
+    if m.kind == "sticky":
+        return (f'<line x1="{mx:.1f}" y1="{y + 4}" x2="{mx:.1f}" y2="{y + lane_h - 4}" '
+                f'stroke="#e65100" stroke-width="3">{tip}</line><text x="{mx + 4:.1f}" '
+                f'y="{y + 18}" fill="#e65100" font-weight="bold">sticky serial mode{tip}</text>')
+    if m.kind == "doomed":
+        return (f'<text x="{mx:.1f}" y="{mid - 12:.1f}" fill="#b71c1c" font-weight="bold" '
+                f'text-anchor="middle">!{tip}</text>')
+    return ""
 
 
 def _tick(span: float) -> float:
