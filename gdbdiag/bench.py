@@ -47,6 +47,8 @@ def add_parser(sub) -> None:
                         "and are measured only when named here")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: "
                    "latency,throughput,attach,detect")
+    from . import soak
+    soak.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -113,16 +115,16 @@ class Tool:
             self.uprobe.pump(0.05)
 
     def _pump_gdb(self):
-        seen = 0
+        rest = ""
         while not self._stop.is_set():
             try:
-                self.gdb.drain(0.2)
+                text = rest + self.gdb.drain(0.2)
             except OSError:
                 return
-            lines = [l for l in self.gdb.output.splitlines() if l.startswith("[gdbdiag]")]
-            for line in lines[seen:]:
-                self.on_line(line, time.time())
-            seen = len(lines)
+            *lines, rest = text.split("\n")      # what gdb printed since, whole lines
+            for line in lines:
+                if line.startswith("[gdbdiag]"):
+                    self.on_line(line.rstrip("\r"), time.time())
 
     def _run_passive(self):
         def on_event(ev):
@@ -361,6 +363,9 @@ def machine() -> dict:
 
 
 def run(args) -> int:
+    if args.soak is not None:
+        from . import soak
+        return soak.run(args)
     log = lambda m: print(m, flush=True)
     skip = set(filter(None, args.skip.split(",")))
     res = {"machine": machine(), "release": args.release, "rounds": args.rounds,

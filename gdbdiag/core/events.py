@@ -102,29 +102,42 @@ def load_stream(fh) -> Iterator[Event]:
             yield Event.from_json(json.loads(line))
 
 
-class StreamTail:
-    """The records appended to a stream file since the last :meth:`read`, as
-    ``(event, is_finding)``: the file is read once, from where the last read ended (a line
-    still being written waits for its end), so a day-long run costs neither time nor
-    memory that grows with the stream. A line that is not a record is counted and skipped."""
+class LineTail:
+    """The complete lines appended to a growing file since the last :meth:`lines`: the file
+    is read once, from where the last read ended (a line still being written waits for its
+    end), so following a day-long file costs neither time nor memory that grows with it."""
 
-    def __init__(self, path: str):
-        self.path, self.pos, self.partial, self.bad = str(path), 0, b"", 0
+    def __init__(self, path):
+        self.path, self.pos, self.partial = str(path), 0, b""
 
-    def read(self, limit: int = 1 << 22) -> list[tuple[Event, bool]]:
+    def raw(self, limit: int | None = 1 << 22) -> list[bytes]:
+        """At most ``limit`` more bytes (None: all there is), as whole lines."""
         try:
             with open(self.path, "rb") as fh:
                 fh.seek(self.pos)
-                chunk = fh.read(limit)
+                chunk = fh.read(-1 if limit is None else limit)
         except FileNotFoundError:
             return []
         self.pos += len(chunk)
         lines = (self.partial + chunk).split(b"\n")
         self.partial = lines.pop()
+        return [line for line in lines if line.strip()]
+
+    def lines(self) -> list[str]:
+        return [line.decode(errors="replace") for line in self.raw(None)]
+
+
+class StreamTail(LineTail):
+    """The records appended to a stream file since the last :meth:`read`, as
+    ``(event, is_finding)``; a line that is not a record is counted and skipped."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.bad = 0
+
+    def read(self, limit: int = 1 << 22) -> list[tuple[Event, bool]]:
         out = []
-        for raw in lines:
-            if not raw.strip():
-                continue
+        for raw in self.raw(limit):
             try:
                 d = json.loads(raw)
                 out.append((Event.from_json(d), bool(d.get("finding"))))
