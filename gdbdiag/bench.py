@@ -70,9 +70,8 @@ class Tool:
         m = self.mode
         if m.startswith("uprobe-"):
             from .uprobes.run import UprobeRun
-            self.uprobe = UprobeRun(self.pid, m.split("-", 1)[1], quiet=True)
-            self.uprobe.say = lambda line: self.on_line(line, time.time())
-            self.uprobe.quiet = False
+            self.uprobe = UprobeRun(self.pid, m.split("-", 1)[1],
+                                    say=lambda line: self.on_line(line, time.time()))
             self.uprobe.arm()
             self.uprobe.release()
             self._thread = threading.Thread(target=self._pump_uprobe, daemon=True)
