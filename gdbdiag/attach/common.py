@@ -48,6 +48,11 @@ def deliver(pid: int, rep: dict, args, facts: dict) -> int:
         t["lwp_target"] = rep["target"]["lwp_map"].get(str(t["lwp"]))
     from ..timeline import terminal
     say(render.report_text(rep))
+    run = rep.get("run") or {}
+    if run.get("lost_records") or run.get("bad_records"):
+        say(f"gdbdiag: {run.get('lost_records') or 0} probe record(s) lost (no room reserved in "
+            f"the kernel ring), {run.get('bad_records') or 0} undecodable, of "
+            f"{run.get('records')}: a finding may be missing")
     say(terminal(rep))
     if args.json:
         Path(args.json).write_text(json.dumps(rep, indent=1, default=str))
