@@ -41,6 +41,7 @@ class EventSink:
         self.t0 = time.time()
         self.held: list[str] | None = []       # finding lines before the armed line
         self.on_finding = None                 # hook(finding, observation) before it is shown
+        self.decode = None                     # a kept record (bytes) -> its event again
         self.fed = 0
 
     # -- the stream ------------------------------------------------------------------------
@@ -57,10 +58,13 @@ class EventSink:
         self.feed(ev)
         return ev
 
-    def feed(self, ev: Event) -> list[Event]:
+    def feed(self, ev: Event, raw: bytes | None = None) -> list[Event]:
+        """``raw``: the record ``ev`` was decoded from, kept instead of ``ev`` (bytes:
+        nothing for the garbage collector to scan, at tens of thousands a second in
+        ``--full``) and decoded again by ``decode`` for the report."""
         self.fed += 1
         if ev.kind not in NOT_KEPT:
-            self.observations.append(ev)
+            self.observations.append(ev if raw is None else raw)
         if self.record:
             self.record.write(E.to_line(ev))
         out = self.det.feed(ev)
@@ -109,6 +113,7 @@ def build_report(sink: EventSink, pid: int, symbols: dict, run: dict) -> dict:
     comm = read_text(f"/proc/{pid}/comm")
     target = {"pid": pid, "exe": exe_name(pid), "name": comm.strip() if comm else None,
               "threads": len(task_ids(pid)) or None}
-    rep = R.build(sink.det, target, glibc, symbols, list(sink.observations), started=sink.t0)
+    observations = [sink.decode(o) if isinstance(o, bytes) else o for o in sink.observations]
+    rep = R.build(sink.det, target, glibc, symbols, observations, started=sink.t0)
     rep["run"] = dict(run, source=sink.det.run.get("source"))
     return rep

@@ -149,12 +149,14 @@ RELEASE_VERDICTS = [("bullseye", "STICKY_STALLING"), ("bookworm", "STICKY_NO_STA
                     ("trixie", "STICKY_NO_STALL")]
 
 
+@pytest.mark.parametrize("mode", ["armed", "full"])
 @pytest.mark.parametrize("release,verdict", RELEASE_VERDICTS)
-def test_verdicts(lab_factory, tmp_path, release, verdict):
+def test_verdicts(lab_factory, tmp_path, release, verdict, mode):
+    # armed: the default (writers only until the switch); --full: every probe from the start
     lab = lab_factory(release=release, workload="redis", fault="none")
     out = tmp_path / "rep.json"
     r = Runner(lab.pid, "--duration", "40", "--until", "stall" if release == "bullseye" else "sticky",
-               "--json", out, "--fail-on", "sticky")
+               "--json", out, "--fail-on", "sticky", *(["--full"] if mode == "full" else []))
     r.wait_for("gdbdiag: armed in", 60)
     lab.inject()
     t0 = time.time()
@@ -261,6 +263,10 @@ def test_healthy(lab_factory, tmp_path, mode):
         # --full: every lookup, named, with send_dg's steps (replicationCron: once a second)
         assert gai and all(e["name"] == "keydb-0.keydb" for e in gai)
         assert dg
+        # a wait that cannot be doomed (a query in flight) is recorded only with its end,
+        # when that end is not a quick answer: none is recorded without its return
+        kinds = [e["kind"] for e in rep["events"]]
+        assert kinds.count("poll_enter") == kinds.count("poll_return")
 
 
 def _refused(pid, *extra, user=None):

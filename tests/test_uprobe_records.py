@@ -145,7 +145,7 @@ def test_the_kernel_accepts_every_program(tmp_path):
     import os
 
     from gdbdiag.uprobes import bpf
-    maps = {"state": bpf.map_create(bpf.MAP_LRU_HASH, 8, 8, 1024),
+    maps = {"state": bpf.map_create(bpf.MAP_LRU_HASH, 8, program.STATE_SIZE, 1024),
             "ring": bpf.map_create(bpf.MAP_RINGBUF, 0, 0, 1 << 16),
             "lost": bpf.map_create(bpf.MAP_ARRAY, 4, 8, 1)}
     try:

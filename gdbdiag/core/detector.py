@@ -53,6 +53,10 @@ def _q(d: dict | None) -> Query | None:
     return Query(id=d.get("id"), qname=d.get("qname"), qtype=d.get("qtype"))
 
 
+def _no_finding(th, ev) -> list:
+    return []
+
+
 def _qlabel(q: Query | None) -> str:
     return f"{q.qtype} {q.qname}" if q else "?"
 
@@ -79,6 +83,7 @@ class Detector:
         # True/False when the target's resolv.conf was read: tells a thread that is serial
         # from its first lookup ("options single-request") from one switched by a loss.
         self.resolv_conf_single_request = resolv_conf_single_request
+        self._handlers: dict = {}
 
     def settings(self) -> dict:
         """What a ``run`` record carries so that a replay decides the same way."""
@@ -104,12 +109,16 @@ class Detector:
 
     # ---------------------------------------------------------------------------------
     def feed(self, ev: Event) -> list[Event]:
-        th = self.thread(ev.lwp)
-        if ev.get("thread_name"):
-            th.name = ev.get("thread_name")
-        handler = getattr(self, "_on_" + ev.kind, None)
-        out = handler(th, ev) if handler else []
-        self.findings.extend(out)
+        th = self.threads.get(ev.lwp) or self.thread(ev.lwp)
+        name = ev.data.get("thread_name")
+        if name:
+            th.name = name
+        handler = self._handlers.get(ev.kind)
+        if handler is None:              # each kind's handler looked up once
+            handler = self._handlers[ev.kind] = getattr(self, "_on_" + ev.kind, _no_finding)
+        out = handler(th, ev)
+        if out:
+            self.findings.extend(out)
         return out
 
     def _finding(self, kind, th: ThreadState, ev: Event, data: dict, prov=None) -> Event:
@@ -162,9 +171,10 @@ class Detector:
         return self.sampling.snapshot(ev)
 
     def _on_gai_enter(self, th, ev):
-        th.lookup = ev.get("name")
-        if ev.get("stack"):
-            th.stack = list(ev.get("stack"))
+        d = ev.data
+        th.lookup = d.get("name")
+        if d.get("stack"):
+            th.stack = list(d["stack"])
         return []
 
     def _on_gai_return(self, th, ev):
@@ -175,16 +185,18 @@ class Detector:
         return []
 
     def _on_send_dg_enter(self, th, ev):
-        q1, q2 = _q(ev.get("q1")), _q(ev.get("q2"))
-        th.shadow = SendDgShadow.enter(ev.get("options"), ev.get("flags"), q1, q2,
+        d = ev.data
+        q1, q2 = _q(d.get("q1")), _q(d.get("q2"))
+        th.shadow = SendDgShadow.enter(d.get("options"), d.get("flags"), q1, q2,
                                        self.accepts_header_only)
         th.last_query = _qlabel(q1) if q1 else th.last_query
         return self._already_sticky(th, ev, "send_dg_enter",
                                     "set before this trace (an earlier lost answer, or resolv.conf)")
 
     def _on_sendmmsg_return(self, th, ev):
-        if th.shadow and (ev.get("n") or 0) > 0:
-            th.shadow.sent_mmsg(ev.get("n"))
+        n = ev.data.get("n")
+        if th.shadow and (n or 0) > 0:
+            th.shadow.sent_mmsg(n)
         return []
 
     def _on_send_return(self, th, ev):
@@ -195,12 +207,13 @@ class Detector:
         return []
 
     def _on_poll_enter(self, th, ev):
-        if ev.get("stack") and (not th.stack or ev.get("site") == "wait"):
-            th.stack = list(ev.get("stack"))
+        d = ev.data
+        if d.get("stack") and (not th.stack or d.get("site") == "wait"):
+            th.stack = list(d["stack"])
         sh = th.shadow
         th.poll_t, th.poll_doomed = ev.t, None
-        th.poll_timeout_ms = ev.get("timeout_ms")
-        if sh is None or not sh.poll_is_doomed(ev.get("events"), ev.get("timeout_ms")):
+        th.poll_timeout_ms = timeout = d.get("timeout_ms")
+        if sh is None or not sh.poll_is_doomed(d.get("events"), timeout):
             return []
         never = sh.never_sent()
         err = sh.error_answer
@@ -265,9 +278,10 @@ class Detector:
         return out
 
     def _on_recvfrom_return(self, th, ev):
-        if th.shadow is None or (ev.get("n") or -1) < 12:
+        d = ev.data
+        if th.shadow is None or (d.get("n") or -1) < 12:
             return []
-        th.shadow.received(ev.get("id"), ev.get("rcode"), ev.get("qdcount"))
+        th.shadow.received(d.get("id"), d.get("rcode"), d.get("qdcount"))
         return []
 
     def _on_flag_write(self, th, ev):

@@ -25,7 +25,7 @@ ALU64, JMP, LDX, STX, ST, LD = 0x07, 0x05, 0x01, 0x03, 0x02, 0x00
 W, H, B, DW = 0x00, 0x08, 0x10, 0x18
 MEM, IMM, ATOMIC = 0x60, 0x00, 0xC0
 K, X = 0x00, 0x08
-ADD, SUB, OR, AND, LSH, RSH, MOV = 0x00, 0x10, 0x40, 0x50, 0x60, 0x70, 0xB0
+ADD, SUB, OR, AND, LSH, RSH, XOR, MOV = 0x00, 0x10, 0x40, 0x50, 0x60, 0x70, 0xA0, 0xB0
 JA, JEQ, JGT, JNE, JSET, CALL, EXIT, JSLT = 0x00, 0x10, 0x20, 0x50, 0x40, 0x80, 0x90, 0xC0
 PSEUDO_MAP_FD = 1
 R0, R1, R2, R3, R4, R5, R6, R7, R8, R9, FP = range(11)
@@ -222,6 +222,7 @@ def _ioctl(fd: int, req: int, arg: int) -> None:
 
 # -- the ring buffer --------------------------------------------------------------------------
 BUSY, DISCARD = 1 << 31, 1 << 30
+_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
 
 
 class RingReader:
@@ -235,19 +236,20 @@ class RingReader:
         self.page = page
 
     def read(self, limit: int = 1 << 16) -> list[bytes]:
-        cons = struct.unpack_from("<Q", self.cons, 0)[0]
-        prod = struct.unpack_from("<Q", self.prod, 0)[0]
+        cons = _U64.unpack_from(self.cons, 0)[0]
+        prod = _U64.unpack_from(self.prod, 0)[0]
         out = []
+        data, page, mask, u32 = self.prod, self.page, self.mask, _U32.unpack_from
         while cons < prod and len(out) < limit:
-            at = self.page + (cons & self.mask)
-            hdr = struct.unpack_from("<I", self.prod, at)[0]
+            at = page + (cons & mask)
+            hdr = u32(data, at)[0]
             if hdr & BUSY:
                 break
             n = hdr & ~(BUSY | DISCARD)
             if not hdr & DISCARD:
-                out.append(self.prod[at + 8:at + 8 + n])
+                out.append(data[at + 8:at + 8 + n])
             cons += (n + 8 + 7) & ~7
-        struct.pack_into("<Q", self.cons, 0, cons)
+        _U64.pack_into(self.cons, 0, cons)
         return out
 
     def close(self):

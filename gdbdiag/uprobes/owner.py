@@ -20,6 +20,7 @@ from . import bpf, program
 
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
 RING_BYTES = 1 << 22
+_STAMP = struct.Struct("<Q")          # a record's CLOCK_MONOTONIC ns, at offset 8
 
 
 class ProbeUnavailable(GdbdiagError):
@@ -64,7 +65,7 @@ class Probes:
 
     def _attach(self, plan, mode):
         try:
-            self.maps["state"] = bpf.map_create(bpf.MAP_LRU_HASH, 8, 8, 65536)
+            self.maps["state"] = bpf.map_create(bpf.MAP_LRU_HASH, 8, program.STATE_SIZE, 16384)
             self.maps["ring"] = bpf.map_create(bpf.MAP_RINGBUF, 0, 0, RING_BYTES)
             self.maps["lost"] = bpf.map_create(bpf.MAP_ARRAY, 4, 8, 1)
             self.probes, self.record_kinds = program.build(plan, self.maps, mode)
@@ -114,11 +115,8 @@ class Probes:
     def records(self) -> list[bytes]:
         if self.ring is None:
             return []
-        out = []
-        for rec in self.ring.read():
-            if len(rec) >= 16 and struct.unpack_from("<Q", rec, 8)[0] >= self.ready_ns:
-                out.append(rec)
-        return out
+        ready, stamp = self.ready_ns, _STAMP.unpack_from
+        return [rec for rec in self.ring.read() if len(rec) >= 16 and stamp(rec, 8)[0] >= ready]
 
     @property
     def lost(self) -> int:

@@ -29,12 +29,27 @@ def _question(packet: bytes) -> tuple[str | None, str | None]:
 
 
 @functools.lru_cache(maxsize=1024)
-def _header(raw12: bytes) -> tuple:
+def _header(raw12: bytes) -> dict:
+    """{rcode, qdcount, ancount, tc} of an answer whose id bytes are zeroed (copied into
+    each event's data, never handed out)."""
     h = parse_dns_header(raw12)
-    return tuple(h[k] for k in HEADER_KEYS)
+    return {k: h[k] for k in HEADER_KEYS}
 
 
 HEADER_KEYS = ("rcode", "qdcount", "ancount", "tc")
+_HEADER_PROV = dict.fromkeys(("id",) + HEADER_KEYS, "memory")
+_HEADER = struct.Struct("<IIQ")
+# the poll record: the registers in POLL_REGS's order (unpacked by name in _poll), then
+# the pollfd (fd, events)
+_POLL = struct.Struct(f"<{len(POLL_REGS)}QiH")
+# provenance of the fields every record of a kind has (each event gets its own copy)
+_ENTER_PROV = {"statp": "register", "options": "memory", "flags": "memory", "q1": "memory",
+               "q2": "memory"}
+_POLL_PROV = {"fd": "memory", "events": "memory", "timeout_ms": "register", "pfd": "register",
+              "site": "inferred", "regs": "register"}
+_RET_PTR = struct.Struct("<qQ")
+_ENTER = struct.Struct("<QQQQQqq")
+_ID = struct.Struct(">H")
 
 
 def _query(raw: bytes, length: int | None = None, present: bool = True) -> dict | None:
@@ -60,21 +75,28 @@ class Decoder:
         self.writers = writers
         self.clock_offset = clock_offset
         self.names = names or (lambda tid: None)
+        # per record id: its handler, bound, and the kind's meta (``--full`` decodes tens
+        # of thousands of records a second: no lookup that can be done once is repeated)
+        self._dispatch = {rid: (_HANDLERS[kind].__get__(self), meta)
+                          for rid, (kind, meta) in record_kinds.items() if kind in _HANDLERS}
+        self._thread_names: dict[int, str | None] = {}
 
     def decode(self, rec: bytes) -> Event | None:
         try:
-            rid, tid, ns = struct.unpack_from("<IIQ", rec, 0)
-            kind, meta = self.table[rid]
-            handler = _HANDLERS.get(kind)
-            if handler is None:
-                return None
-            kind, data, prov = handler(self, meta, rec)
+            rid, tid, ns = _HEADER.unpack_from(rec, 0)
+            entry = self._dispatch.get(rid)
+            if entry is None:
+                if rid not in self.table:
+                    raise KeyError(rid)
+                return None                  # a known kind with nothing to decode
+            kind, data, prov = entry[0](entry[1], rec)
         except (KeyError, struct.error, IndexError) as exc:
             raise RecordError(f"bad record ({len(rec)} bytes): {exc}") from exc
-        name = self.names(tid)
+        names = self._thread_names
+        name = names[tid] if tid in names else names.setdefault(tid, self.names(tid))
         if name:
             data.setdefault("thread_name", name)
-        return Event(t=ns / 1e9 + self.clock_offset, lwp=tid, kind=kind, data=data, prov=prov)
+        return Event(ns / 1e9 + self.clock_offset, tid, kind, data, prov)
 
     # -- one method per record kind ------------------------------------------------------
     def _gai(self, meta, rec):
@@ -91,23 +113,20 @@ class Decoder:
             {"ret": "register"}
 
     def _enter(self, meta, rec):
-        statp, buf, buf2, options, flags, len1, len2 = struct.unpack_from("<QQQQQqq", rec, HDR)
+        statp, buf, buf2, options, flags, len1, len2 = _ENTER.unpack_from(rec, HDR)
         q1, q2 = _queries(rec, HDR + 56, buf2, _s32(len1), _s32(len2))
         data = {"function": "send_dg", "statp": statp, "options": options,
                 "flags": flags & 0xFFFFFFFF, "q1": q1, "q2": q2}
-        prov = {"statp": "register", "options": "memory", "flags": "memory",
-                "q1": "memory", "q2": "memory"}
-        return E.SEND_DG_ENTER, data, prov
+        return E.SEND_DG_ENTER, data, _ENTER_PROV.copy()
 
     def _poll(self, meta, rec):
-        regs = dict(zip(POLL_REGS, struct.unpack_from(f"<{len(POLL_REGS)}Q", rec, HDR)))
-        fd, events = struct.unpack_from("<iH", rec, HDR + 8 * len(POLL_REGS))
-        pfd, timeout = regs.pop("rdi"), _s32(regs.pop("rdx"))
+        pfd, rdx, rsp, rbp, rbx, r12, r13, r14, r15, rip, fd, events = _POLL.unpack_from(rec, HDR)
+        timeout = _s32(rdx)
+        regs = {"rsp": rsp, "rbp": rbp, "rbx": rbx, "r12": r12, "r13": r13, "r14": r14,
+                "r15": r15, "rip": rip}
         data = {"function": "poll", "site": "check" if timeout == 0 else "wait", "fd": fd,
                 "events": events, "nfds": 1, "timeout_ms": timeout, "pfd": pfd, "regs": regs}
-        prov = {"fd": "memory", "events": "memory", "timeout_ms": "register", "pfd": "register",
-                "site": "inferred", "regs": "register"}
-        return E.POLL_ENTER, data, prov
+        return E.POLL_ENTER, data, _POLL_PROV.copy()
 
     def _poll_ret(self, meta, rec):
         n, pfd = struct.unpack_from("<qQ", rec, HDR)
@@ -130,13 +149,12 @@ class Decoder:
             {"n": "register"}
 
     def _recv_ret(self, meta, rec):
-        n, buf = struct.unpack_from("<qQ", rec, HDR)
+        n, buf = _RET_PTR.unpack_from(rec, HDR)
         data, prov = {"function": "recvfrom", "n": n}, {"n": "register"}
         if buf and n >= 12:
-            raw = rec[HDR + 16:HDR + 28]
-            data["id"], prov["id"] = struct.unpack_from(">H", raw)[0], "memory"
-            for k, v in zip(HEADER_KEYS, _header(b"\0\0" + raw[2:])):
-                data[k], prov[k] = v, "memory"
+            data["id"] = _ID.unpack_from(rec, HDR + 16)[0]
+            data.update(_header(b"\0\0" + rec[HDR + 18:HDR + 28]))
+            prov.update(_HEADER_PROV)
         return E.RECVFROM_RETURN, data, prov
 
     def _write(self, meta, rec):

@@ -68,6 +68,7 @@ class UprobeRun:
             self._attach_late()
         self.decoder = Decoder(self.owner.record_kinds, plan.writers,
                                time.time() - time.monotonic(), self._name)
+        self.sink.decode = self.decoder.decode          # the records kept for the report
         return time.monotonic() - t
 
     def build_facts(self) -> dict:
@@ -115,8 +116,8 @@ class UprobeRun:
         return True
 
     # -- the run -----------------------------------------------------------------------------
-    def _feed(self, ev: E.Event) -> list[E.Event]:
-        out = self.sink.feed(ev)
+    def _feed(self, ev: E.Event, raw: bytes | None = None) -> list[E.Event]:
+        out = self.sink.feed(ev, raw)
         if not self.late_done and self.owner is not None and (
                 ev.kind in (E.SEND_DG_ENTER, E.FLAG_WRITE) or
                 any(f.kind == E.STICKY_ENGAGED for f in out)):
@@ -166,15 +167,17 @@ class UprobeRun:
     def pump(self, wait: float = 0.1) -> None:
         if wait:
             self.owner.wait(wait)
-        for rec in self.owner.records():
-            self.records_seen += 1
+        recs = self.owner.records()
+        self.records_seen += len(recs)
+        decode, feed = self.decoder.decode, self._feed
+        for rec in recs:
             try:
-                ev = self.decoder.decode(rec)
+                ev = decode(rec)
             except RecordError:
                 self.bad_records += 1
                 continue
             if ev is not None:
-                self._feed(ev)
+                feed(ev, rec)
 
     def loop(self, deadline: float, stop, until: str | None) -> str:
         """Run until the deadline, a signal (``stop.why``) or ``until``; returns why."""
