@@ -270,3 +270,30 @@ def test_recorded_lab_streams(path):
     assert sorted({f.kind for f in det.findings}) == sorted(meta["finding_kinds"])
     for th in det.threads.values():
         assert th.mismatches == [], th.mismatches
+
+
+def test_lost_probe_records_stop_predictions_until_the_next_send_dg():
+    """A record the kernel could not write (which thread's, unknown) could be a send or an
+    answer: without it the shadow would see 'nothing in flight' and call a poll doomed."""
+    s = Stream()
+    s.enter(NAME, options=0x2002c1, ids=(5, 6))             # sticky, serial: A first
+    s.poll(4, 0, 1, revents=4).ev(E.SEND_RETURN, n=31, id=5)
+    s.poll(1, 5000, 1, revents=1).answer(5, "NXDOMAIN")
+    # the AAAA's send_return record was lost: the shadow thinks nothing is in flight
+    lost_at = len(s.events)
+    s.poll(1, 4999, 1, revents=1).answer(6, "NXDOMAIN")
+    s.ev(E.SEND_DG_RETURN, ret=62)
+    det, found = run(s)
+    # unguarded: a false prediction -- withdrawn when the poll is answered after all
+    assert [f.kind for f in found] == [E.STICKY_ENGAGED, E.DOOMED_POLL]
+    assert [f.kind for f in det.findings] == [E.STICKY_ENGAGED] and not det.stalls
+    assert det.refuted and det.refuted[0].get("refuted").startswith("poll returned 1")
+    s.events.insert(lost_at, Event(t=s.events[lost_at].t, lwp=0, kind=E.RECORDS_LOST,
+                                   data={"lost": 1, "lost_total": 1}))
+    det, found = run(s)
+    assert [f.kind for f in found] == [E.STICKY_ENGAGED] and det.records_lost == 1
+    assert 0 not in det.threads                            # a stream-level record, no thread
+    parallel_ok(s, NAME, ids=(7, 8))                        # the next send_dg is followed again
+    det, found = run(s)
+    assert [f.kind for f in found] == [E.STICKY_ENGAGED]
+    assert decide(det.thread_summaries(), det.findings, {})["code"] == STICKY_NO_STALL

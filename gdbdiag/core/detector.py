@@ -53,6 +53,9 @@ def _q(d: dict | None) -> Query | None:
     return Query(id=d.get("id"), qname=d.get("qname"), qtype=d.get("qtype"))
 
 
+STREAM_KINDS = (E.RUN, E.SAMPLED, E.RECORDS_LOST)
+
+
 def _no_finding(th, ev) -> list:
     return []
 
@@ -70,6 +73,8 @@ class Detector:
                  affected: bool | None = None, confirm_samples: int = 2):
         self.threads: dict[int, ThreadState] = {}
         self.run: dict = {}                  # the stream's ``run`` record (source, build facts)
+        self.records_lost = 0                # probe records the kernel could not write
+        self.refuted: list[Event] = []       # doomed polls that got an answer after all
         # passive samples (``sample``/``sampled``): affected = bug 30081 in this build
         self.sampling = SampleTracker(self, affected, confirm_samples)
         # With a probe on the instruction that sets the sticky bit, engagement is read
@@ -109,10 +114,13 @@ class Detector:
 
     # ---------------------------------------------------------------------------------
     def feed(self, ev: Event) -> list[Event]:
-        th = self.threads.get(ev.lwp) or self.thread(ev.lwp)
-        name = ev.data.get("thread_name")
-        if name:
-            th.name = name
+        if ev.kind in STREAM_KINDS:          # about the stream, not one thread
+            th = None
+        else:
+            th = self.threads.get(ev.lwp) or self.thread(ev.lwp)
+            name = ev.data.get("thread_name")
+            if name:
+                th.name = name
         handler = self._handlers.get(ev.kind)
         if handler is None:              # each kind's handler looked up once
             handler = self._handlers[ev.kind] = getattr(self, "_on_" + ev.kind, _no_finding)
@@ -162,6 +170,16 @@ class Detector:
     def _on_run(self, th: ThreadState, ev: Event) -> list[Event]:
         self.run = dict(ev.data)
         self.configure(ev.get("detector"))
+        return []
+
+    def _on_records_lost(self, th: ThreadState, ev: Event) -> list[Event]:
+        """Some probe records never came (of which thread, unknown): no send_dg in
+        progress can be followed any more -- a missing send or answer would make a poll
+        look doomed. Each thread's shadow starts again at its next send_dg entry."""
+        self.records_lost += ev.get("lost") or 0
+        for t in self.threads.values():
+            t.shadow, t.poll_doomed = None, None
+        self._pending_lost = None
         return []
 
     def _on_sample(self, th: ThreadState, ev: Event) -> list[Event]:
@@ -243,7 +261,16 @@ class Detector:
         sh = th.shadow
         n = ev.get("n")
         dur = None if th.poll_t is None else (ev.t - th.poll_t) * 1000.0
-        if th.poll_doomed is not None:
+        if th.poll_doomed is not None and n is not None and n > 0:
+            # an answer came: the prediction was wrong (the shadow missed something). The
+            # finding is withdrawn from the verdict, marked, and no stall is claimed
+            d, th.poll_doomed = th.poll_doomed, None
+            d.data["refuted"] = f"poll returned {n} after {dur or 0:.1f} ms"
+            if d in self.findings:
+                self.findings.remove(d)
+            th.doomed -= 1
+            self.refuted.append(d)
+        elif th.poll_doomed is not None:
             d = th.poll_doomed
             st = self._finding(E.STALL, th, ev, {
                 "measured_ms": round(dur, 1) if dur is not None else None,

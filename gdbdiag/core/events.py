@@ -39,11 +39,12 @@ SEND_DG_RETURN = "send_dg_return"
 STATUS = "status"                  # a thread's _res read at attach time
 SAMPLE = "sample"                  # passive: one thread's _res and syscall in one snapshot
 SAMPLED = "sampled"                # passive: a snapshot is complete (data: tids seen)
+RECORDS_LOST = "records_lost"      # the kernel could not reserve room for some probe records
 RUN = "run"                        # a stream's first record: the source, the build's facts and
                                    # the detector's settings (so any stream replays alone)
 OBSERVATIONS = (GAI_ENTER, GAI_RETURN, CHAIN, SEND_DG_ENTER, POLL_ENTER, POLL_RETURN,
                 SENDMMSG_RETURN, SEND_RETURN, RECVFROM_RETURN, FLAG_WRITE, SEND_DG_RETURN,
-                STATUS, SAMPLE, SAMPLED, RUN)
+                STATUS, SAMPLE, SAMPLED, RECORDS_LOST, RUN)
 
 # Findings (from the detector)
 LOST_ANSWER = "lost_answer"        # a poll timed out with one of two answers missing

@@ -126,6 +126,10 @@ def report_text(rep: dict) -> str:
             src = ev["source"]
             out.append(f"== {title}: glibc {src['file']}:{src['line']}")
             out.append(src["text"])
+    if rep.get("refuted"):
+        out.append(f"== {len(rep['refuted'])} doomed-poll prediction(s) withdrawn: the poll was "
+                   "answered after all" + (f" ({rep['records_lost']} probe record(s) were lost)"
+                                           if rep.get("records_lost") else ""))
     v = rep["verdict"]
     out.append(f"== verdict: {v['code']} — {v['summary']}")
     for r in v.get("remediation", []):

@@ -67,4 +67,9 @@ def build(detector, target: dict, glibc: dict, symbols: dict, observations: list
                     "measured_ms": s.get("measured_ms"), "t": s.get("t")}
                    for s in detector.stalls],
         "verdict": verdict,
+        # doomed-poll predictions withdrawn because the poll was answered after all, and
+        # probe records the kernel could not write (the stream then had gaps)
+        "refuted": [{"t": f.t, "lwp": f.lwp, "why": f.get("refuted")}
+                    for f in getattr(detector, "refuted", [])],
+        "records_lost": getattr(detector, "records_lost", 0),
     }

@@ -169,6 +169,12 @@ class UprobeRun:
             self.owner.wait(wait)
         recs = self.owner.records()
         self.records_seen += len(recs)
+        # read after the ring: a record lost so far comes before these, or among them
+        lost = self.owner.lost
+        if lost > self.lost:
+            self._feed(E.Event(t=time.time(), lwp=self.pid, kind=E.RECORDS_LOST,
+                               data={"lost": lost - self.lost, "lost_total": lost}))
+            self.lost = lost
         decode, feed = self.decoder.decode, self._feed
         for rec in recs:
             try:
