@@ -126,8 +126,9 @@ def _run(pid: int, args, facts: dict, sink: EventSink, stop: Stop, passive: bool
         if not escalate or suspect is None or stop.why or deadline - time.monotonic() <= 1:
             return passive_report(sink, pid, res)
         if not args.quiet:
-            say(f"gdbdiag: escalating: {'kernel probes on' if args.backend == 'uprobe' else 'arming the trace on LWP'} "
-                f"{pid if args.backend == 'uprobe' else suspect} for the remaining "
+            what = (f"kernel probes on {pid}" if args.backend == "uprobe"
+                    else f"arming the trace on LWP {suspect}")
+            say(f"gdbdiag: escalating: {what} for the remaining "
                 f"{deadline - time.monotonic():.0f} s")
     if args.backend == "uprobe":
         from .uprobe_run import run_uprobe

@@ -190,8 +190,8 @@ class GdbRun:
         if self.sup is not None:
             try:
                 self.sup.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                pass
+            except subprocess.TimeoutExpired:   # it runs on in its own session until the
+                pass                            # target's code is restored: never killed
 
 
 def symbol_setup(pid: int, mode: str, offline: bool) -> tuple[list[str], dict]:
