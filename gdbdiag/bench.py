@@ -244,6 +244,9 @@ def _latency_figures(recs: list[dict], windows: dict, busy: dict, modes) -> dict
         rs = [(a[0] / b[0], a[1] / b[1]) for a, b in zip(per_round[m], per_round["unarmed"])
               if a and b and b[0] and b[1]]
         out[m]["ratio"] = round(statistics.median(r[0] for r in rs), 3) if rs else None
+        # the spread of the per-round ratios: where this run's noise puts the median
+        out[m]["ratio_iqr"] = [round(q, 3) for q in statistics.quantiles(
+            [r[0] for r in rs], n=4)[::2]] if len(rs) >= 4 else None
         out[m]["cpu_ratio"] = round(statistics.median(r[1] for r in rs), 3) if rs else None
         out[m]["rate_ratio"] = round(out["unarmed"]["lookups_per_s"] / out[m]["lookups_per_s"], 3) \
             if out[m]["lookups_per_s"] else None
@@ -401,12 +404,15 @@ def render(res: dict) -> str:
     lat = res.get("latency")
     if lat:
         rows = [[m, lat[m]["n"], lat[m].get("lookups_per_s"), lat[m]["median_ms"],
-                 lat[m].get("mean_ms"), lat[m]["p99_ms"], lat[m]["ratio"], lat[m].get("rate_ratio"),
+                 lat[m].get("mean_ms"), lat[m]["p99_ms"], lat[m]["ratio"],
+                 "–".join(map(str, lat[m]["ratio_iqr"])) if lat[m].get("ratio_iqr") else "",
+                 lat[m].get("rate_ratio"),
                  lat[m].get("cpu_ms_per_lookup"), lat[m].get("cpu_ratio"),
                  lat[m].get("target_cpu_ms_per_lookup"), lat[m].get("target_cpu_ratio")]
                 for m in MODES if m in lat]
         out.append(tabulate(rows, headers=["getaddrinfo loop", "lookups", "lookups/s", "median ms",
-                                           "mean ms", "p99 ms", "mean ratio", "1/rate ratio",
+                                           "mean ms", "p99 ms", "mean ratio",
+                                           "per-round IQR", "1/rate ratio",
                                            "machine CPU ms/lookup", "ratio", "target CPU ms/lookup",
                                            "ratio"]))
     thr = res.get("throughput")

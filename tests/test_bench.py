@@ -34,3 +34,21 @@ def test_bench_runs_and_reports_every_figure(tmp_path):
         lead = res["doomed_poll_report_lead_ms"][mode]
         assert lead is not None and 0 < lead < 6000
     assert "getaddrinfo" in r.stdout and "machine:" in r.stdout
+
+
+def test_latency_ratio_comes_with_the_spread_of_its_rounds():
+    from gdbdiag import bench
+    # 8 rounds: unarmed lookups of 2 ms, the mode's 2 ms * (1.00, 1.01, ... 1.07)
+    recs, windows = [], {"unarmed": [], "uprobe-full": []}
+    for r in range(8):
+        for j, (m, ms) in enumerate((("unarmed", 2.0), ("uprobe-full", 2.0 * (1 + r / 100)))):
+            t0 = (2 * r + j) * 10.0
+            windows[m].append((t0, t0 + 10))
+            recs += [{"t": t0 + k * 0.01, "seconds": ms / 1000} for k in range(100)]
+    busy = {m: [1.0] * 8 for m in windows}
+    out = bench._latency_figures(recs, windows, busy, ("unarmed", "uprobe-full"))
+    lo, hi = out["uprobe-full"]["ratio_iqr"]
+    assert lo < out["uprobe-full"]["ratio"] < hi
+    assert (round(lo, 2), round(hi, 2)) == (1.01, 1.06)
+    assert out["unarmed"]["ratio_iqr"] == [1.0, 1.0]
+    assert "per-round IQR" in bench.render({"latency": out, "machine": bench.machine()})
