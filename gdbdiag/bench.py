@@ -26,10 +26,12 @@ from .errors import EXIT_OK
 from .lab import container
 
 # uprobe-*: the kernel-probe backend (the default of attach); gdb-*: --backend gdb
+# uprobe-floor: --full's probes with programs that do nothing (the traps and the syscall
+# tracing slow path alone), measured only when named
 # unarmed-again: a second phase with no tool at all, measured like a mode: its ratio to
 # unarmed is this machine's noise floor in the same run (an A/A control)
-MODES = ("unarmed", "unarmed-again", "uprobe-armed", "uprobe-lean", "uprobe-full", "passive", "gdb-armed",
-         "gdb-lean", "strace", "ebpf")
+MODES = ("unarmed", "unarmed-again", "uprobe-armed", "uprobe-lean", "uprobe-full", "uprobe-floor",
+         "passive", "gdb-armed", "gdb-lean", "strace", "ebpf")
 DETECT_MODES = ("uprobe-armed", "uprobe-lean", "passive")
 RECORDS = ("keydb-0.keydb=A:10.244.1.9", "keydb-0.keydb=AAAA:fd00::9")
 
@@ -41,10 +43,12 @@ def add_parser(sub) -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--phase-seconds", type=float, default=4.0)
     p.add_argument("--release", default="bullseye")
-    p.add_argument("--modes", default=",".join(m for m in MODES[1:] if not m.startswith("gdb-")),
+    p.add_argument("--modes", default=",".join(m for m in MODES[1:] if not m.startswith("gdb-")
+                                               and m != "uprobe-floor"),
                    help="comma-separated modes of the latency part (unarmed is always measured); "
                         "gdb-armed,gdb-lean insert breakpoints into the bench's own lab target "
-                        "and are measured only when named here")
+                        "and are measured only when named here, as is uprobe-floor (--full's "
+                        "probes with programs that do nothing: the mechanism's own cost)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: "
                    "latency,throughput,attach,detect")
     from . import soak
@@ -70,8 +74,10 @@ class Tool:
         m = self.mode
         if m.startswith("uprobe-"):
             from .uprobes.run import UprobeRun
-            self.uprobe = UprobeRun(self.pid, m.split("-", 1)[1],
-                                    say=lambda line: self.on_line(line, time.time()))
+            floor = m == "uprobe-floor"
+            self.uprobe = UprobeRun(self.pid, "full" if floor else m.split("-", 1)[1],
+                                    say=lambda line: self.on_line(line, time.time()),
+                                    empty_programs=floor)
             self.uprobe.arm()
             self.uprobe.release()
             self._thread = threading.Thread(target=self._pump_uprobe, daemon=True)

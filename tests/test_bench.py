@@ -52,3 +52,30 @@ def test_latency_ratio_comes_with_the_spread_of_its_rounds():
     assert (round(lo, 2), round(hi, 2)) == (1.01, 1.06)
     assert out["unarmed"]["ratio_iqr"] == [1.0, 1.0]
     assert "per-round IQR" in bench.render({"latency": out, "machine": bench.machine()})
+
+
+def test_floor_has_full_modes_probes_and_programs_that_do_nothing(lab_factory):
+    """uprobe-floor (the mechanism's own cost): the same probes as --full, at the same
+    places, all attached, writing nothing while the target resolves back to back; its code
+    is untouched either way."""
+    import time
+    from gdbdiag import bench
+    from gdbdiag.codecheck import diff_code
+    lab = lab_factory(release="bullseye", workload="resolver", names=("keydb-0.keydb",),
+                      interval=0.0, fault="none", records=bench.RECORDS)
+    seen = {}
+    for mode in ("uprobe-floor", "uprobe-full"):
+        tool = bench.Tool(mode, lab.pid)
+        tool.start()
+        try:
+            time.sleep(1.5)
+            owner = tool.uprobe.owner
+            seen[mode] = ([(p.kind, p.file, p.offset) for p in owner.probes],
+                          len(owner.fds), tool.uprobe.records_seen)
+        finally:
+            tool.stop()
+    floor, full = seen["uprobe-floor"], seen["uprobe-full"]
+    assert floor[0] == full[0] and floor[1] == full[1] == len(full[0])   # all attached
+    assert {k for k, _, _ in floor[0]} == {"uprobe", "sys_enter", "sys_exit"}
+    assert floor[2] == 0 and full[2] > 0
+    assert lab.alive() and diff_code(lab.pid, ("libc", "libresolv")) == []

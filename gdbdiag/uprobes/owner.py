@@ -50,7 +50,9 @@ def check_available() -> None:
 class Probes:
     """The probes of ``plan`` in ``mode``, attached; ``records()`` returns what they wrote."""
 
-    def __init__(self, plan: program.Plan, mode: str = "armed"):
+    def __init__(self, plan: program.Plan, mode: str = "armed", empty: bool = False):
+        """``empty``: the same probes with programs that do nothing (the mechanism's
+        own cost, for the bench)."""
         check_available()
         self.fds: list[int] = []
         self.maps: dict[str, int] = {}
@@ -58,17 +60,17 @@ class Probes:
         self.probes: list[program.Probe] = []
         self.ring = None
         try:
-            self._attach(plan, mode)
+            self._attach(plan, mode, empty)
         except BaseException:
             self.close()
             raise
 
-    def _attach(self, plan, mode):
+    def _attach(self, plan, mode, empty):
         try:
             self.maps["state"] = bpf.map_create(bpf.MAP_LRU_HASH, 8, program.STATE_SIZE, 16384)
             self.maps["ring"] = bpf.map_create(bpf.MAP_RINGBUF, 0, 0, RING_BYTES)
             self.maps["lost"] = bpf.map_create(bpf.MAP_ARRAY, 4, 8, 1)
-            self.probes, self.record_kinds = program.build(plan, self.maps, mode)
+            self.probes, self.record_kinds = program.build(plan, self.maps, mode, empty)
             self.pmu, self.pid = bpf.uprobe_pmu_type(), plan.pid
             # every program is loaded (verified) now; the late ones wait unattached, so
             # attaching them later is a few system calls, not a verifier run

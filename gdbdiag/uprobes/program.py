@@ -229,10 +229,13 @@ class Gen:
 class Builder:
     """All programs of a plan; record ids are global (one table for the decoder)."""
 
-    def __init__(self, plan: Plan, maps: dict, mode: str):
+    def __init__(self, plan: Plan, maps: dict, mode: str, empty: bool = False):
+        """``empty``: every program returns at once (the same probes, no work, no record):
+        what the mechanism alone costs (``gdbdiag bench --modes uprobe-floor``)."""
         if mode not in ("lean", "armed", "full"):
             raise ValueError(f"unknown mode {mode!r}")
         self.plan, self.maps, self.full, self.mode = plan, maps, mode == "full", mode
+        self.empty = empty
         self.probes: list[Probe] = []
         self.record_kinds: dict[int, tuple[str, dict]] = {}
 
@@ -245,7 +248,10 @@ class Builder:
         g = Gen(self.plan.pid, self.maps, len(self.probes), raw_tp=kind != "uprobe",
                 pidns=self.plan.pidns)
         fn(g)
-        self.probes.append(Probe(len(self.probes), kind, file, offset, g.done(), late))
+        code = g.done()
+        if self.empty:
+            code = Asm().movi(R0, 0).exit().bytes()
+        self.probes.append(Probe(len(self.probes), kind, file, offset, code, late))
 
     def build(self) -> list[Probe]:
         """The writers are attached from the start; the rest traps every lookup (uprobes)
@@ -270,8 +276,9 @@ class Builder:
         return self.probes
 
 
-def build(plan: Plan, maps: dict, mode: str = "armed") -> tuple[list[Probe], dict]:
-    b = Builder(plan, maps, mode)
+def build(plan: Plan, maps: dict, mode: str = "armed",
+          empty: bool = False) -> tuple[list[Probe], dict]:
+    b = Builder(plan, maps, mode, empty)
     return b.build(), b.record_kinds
 
 

@@ -24,10 +24,13 @@ class UprobeRun:
     def __init__(self, pid: int, mode: str = "armed", say=print, quiet: bool = False,
                  record: str | None = None, step_log: str | None = None,
                  symbols: str = "auto", offline: bool = False, source: bool = True,
-                 sink: EventSink | None = None):
+                 sink: EventSink | None = None, empty_programs: bool = False):
         """``sink``: the run's event stream (a passive run's, when this one escalates it);
-        by default a new one recording to ``record``."""
+        by default a new one recording to ``record``. ``empty_programs``: the probes of
+        ``mode`` with programs that do nothing and record nothing (the bench's
+        ``uprobe-floor``: what the mechanism alone costs)."""
         self.pid, self.mode, self.say, self.quiet = pid, mode, say, quiet
+        self.empty_programs = empty_programs
         self.own_sink = sink is None
         self.sink = sink or EventSink(record=record, say=say, quiet=quiet)
         self.sink.on_finding = self._on_finding
@@ -63,7 +66,7 @@ class UprobeRun:
             "resolv_conf_single_request": resolv_conf_single_request(self.pid)})
         # the writers first, then each thread's state: a thread that turns sticky in
         # between is seen by both, never by neither
-        self.owner = Probes(plan, self.mode)
+        self.owner = Probes(plan, self.mode, self.empty_programs)
         if not self._status() or any(t.sticky for t in self.det.threads.values()):
             self._attach_late()
         self.decoder = Decoder(self.owner.record_kinds, plan.writers,
