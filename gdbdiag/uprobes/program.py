@@ -245,12 +245,13 @@ class Builder:
         return n
 
     def add(self, kind, file, offset, fn, late=False):
-        g = Gen(self.plan.pid, self.maps, len(self.probes), raw_tp=kind != "uprobe",
-                pidns=self.plan.pidns)
-        fn(g)
-        code = g.done()
         if self.empty:
             code = Asm().movi(R0, 0).exit().bytes()
+        else:
+            g = Gen(self.plan.pid, self.maps, len(self.probes), raw_tp=kind != "uprobe",
+                    pidns=self.plan.pidns)
+            fn(g)
+            code = g.done()
         self.probes.append(Probe(len(self.probes), kind, file, offset, code, late))
 
     def build(self) -> list[Probe]:
