@@ -58,12 +58,18 @@ class EventSink:
         self.feed(ev)
         return ev
 
-    def feed(self, ev: Event, raw: bytes | None = None) -> list[Event]:
+    def keep(self, raw: bytes) -> None:
+        """Keep a record for the report as it comes, before it is decoded and fed (a
+        deferred record: :mod:`gdbdiag.uprobes.defer`)."""
+        self.observations.append(raw)
+
+    def feed(self, ev: Event, raw: bytes | None = None, kept: bool = False) -> list[Event]:
         """``raw``: the record ``ev`` was decoded from, kept instead of ``ev`` (bytes:
         nothing for the garbage collector to scan, at tens of thousands a second in
-        ``--full``) and decoded again by ``decode`` for the report."""
+        ``--full``) and decoded again by ``decode`` for the report. ``kept``: already
+        kept (``keep``) when it came."""
         self.fed += 1
-        if ev.kind not in NOT_KEPT:
+        if not kept and ev.kind not in NOT_KEPT:
             self.observations.append(ev if raw is None else raw)
         if self.record:
             self.record.write(E.to_line(ev))
@@ -113,7 +119,22 @@ def build_report(sink: EventSink, pid: int, symbols: dict, run: dict) -> dict:
     comm = read_text(f"/proc/{pid}/comm")
     target = {"pid": pid, "exe": exe_name(pid), "name": comm.strip() if comm else None,
               "threads": len(task_ids(pid)) or None}
-    observations = [sink.decode(o) if isinstance(o, bytes) else o for o in sink.observations]
+    observations = _observations(sink)
     rep = R.build(sink.det, target, glibc, symbols, observations, started=sink.t0)
     rep["run"] = dict(run, source=sink.det.run.get("source"))
     return rep
+
+
+def _observations(sink: EventSink) -> list[Event]:
+    """The kept observations as events; a kept record that does not decode (counted by
+    the run as bad) is left out."""
+    out = []
+    for o in sink.observations:
+        if isinstance(o, bytes):
+            try:
+                o = sink.decode(o)
+            except ValueError:
+                continue
+        if o is not None:
+            out.append(o)
+    return out

@@ -93,10 +93,15 @@ class Decoder:
         except (KeyError, struct.error, IndexError) as exc:
             raise RecordError(f"bad record ({len(rec)} bytes): {exc}") from exc
         names = self._thread_names
-        name = names[tid] if tid in names else names.setdefault(tid, self.names(tid))
+        name = names[tid] if tid in names else self.thread_name(tid)
         if name:
             data.setdefault("thread_name", name)
         return Event(ns / 1e9 + self.clock_offset, tid, kind, data, prov)
+
+    def thread_name(self, tid: int) -> str | None:
+        """The thread's name, read once (the first time one of its records is seen)."""
+        names = self._thread_names
+        return names[tid] if tid in names else names.setdefault(tid, self.names(tid))
 
     # -- one method per record kind ------------------------------------------------------
     def _gai(self, meta, rec):

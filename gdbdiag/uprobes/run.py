@@ -17,6 +17,7 @@ from ..sink import EventSink, build_report
 from ..symbols.facts import resolv_conf_single_request
 from . import plan as P
 from .owner import Probes
+from .defer import Deferral
 from .records import Decoder, RecordError
 
 
@@ -47,6 +48,7 @@ class UprobeRun:
         self.symbols, self.offline, self.source = symbols, offline, source
         self.enrich = None
         self.symbols_line = ""
+        self.defer: Deferral | None = None
 
     # -- set-up ------------------------------------------------------------------------------
     def arm(self) -> float:
@@ -72,6 +74,11 @@ class UprobeRun:
         self.decoder = Decoder(self.owner.record_kinds, plan.writers,
                                time.time() - time.monotonic(), self._name)
         self.sink.decode = self.decoder.decode          # the records kept for the report
+        # a stream file or a step log needs every event as it comes; otherwise a
+        # thread's healthy send_dg call is fed only if one of its records can matter
+        if self.sink.record is None and self.step_log is None:
+            self.defer = Deferral(self.owner.record_kinds, self._feed_record,
+                                  self.decoder.thread_name)
         return time.monotonic() - t
 
     def build_facts(self) -> dict:
@@ -119,8 +126,8 @@ class UprobeRun:
         return True
 
     # -- the run -----------------------------------------------------------------------------
-    def _feed(self, ev: E.Event, raw: bytes | None = None) -> list[E.Event]:
-        out = self.sink.feed(ev, raw)
+    def _feed(self, ev: E.Event, raw: bytes | None = None, kept: bool = False) -> list[E.Event]:
+        out = self.sink.feed(ev, raw, kept)
         if not self.late_done and self.owner is not None and (
                 ev.kind in (E.SEND_DG_ENTER, E.FLAG_WRITE) or
                 any(f.kind == E.STICKY_ENGAGED for f in out)):
@@ -175,18 +182,28 @@ class UprobeRun:
         # read after the ring: a record lost so far comes before these, or among them
         lost = self.owner.lost
         if lost > self.lost:
+            if self.defer is not None:
+                self.defer.flush_all()
             self._feed(E.Event(t=time.time(), lwp=self.pid, kind=E.RECORDS_LOST,
                                data={"lost": lost - self.lost, "lost_total": lost}))
             self.lost = lost
-        decode, feed = self.decoder.decode, self._feed
+        if self.defer is not None:
+            keep, add = self.sink.keep, self.defer.add
+            for rec in recs:
+                keep(rec)
+                add(rec)
+            return
         for rec in recs:
-            try:
-                ev = decode(rec)
-            except RecordError:
-                self.bad_records += 1
-                continue
-            if ev is not None:
-                feed(ev, rec)
+            self._feed_record(rec, kept=False)
+
+    def _feed_record(self, rec: bytes, kept: bool = True) -> None:
+        try:
+            ev = self.decoder.decode(rec)
+        except RecordError:
+            self.bad_records += 1
+            return
+        if ev is not None:
+            self._feed(ev, rec, kept)
 
     def loop(self, deadline: float, stop, until: str | None) -> str:
         """Run until the deadline, a signal (``stop.why``) or ``until``; returns why."""
@@ -204,6 +221,8 @@ class UprobeRun:
     def close(self) -> None:
         if self.owner is not None:
             self.pump(0)
+            if self.defer is not None:
+                self.defer.flush_all()
             self.lost = self.owner.lost
             self.owner.close()
             self.owner = None
