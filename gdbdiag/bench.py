@@ -116,8 +116,9 @@ class Tool:
             time.sleep(0.5)
 
     def _pump_uprobe(self):
+        from .uprobes.run import PUMP_WAIT
         while not self._stop.is_set():
-            self.uprobe.pump(0.05)
+            self.uprobe.pump(PUMP_WAIT)
 
     def _pump_gdb(self):
         rest = ""

@@ -16,9 +16,14 @@ from ..core import events as E
 from ..sink import EventSink, build_report
 from ..symbols.facts import resolv_conf_single_request
 from . import plan as P
-from .owner import Probes
 from .defer import Deferral
+from .owner import Probes
 from .records import Decoder, RecordError
+
+# seconds between reads of the ring: a record that can matter wakes the run at once (the
+# sticky-bit writer, a possibly doomed poll, a poll that timed out or stalled); the rest
+# (healthy calls, deferred) waits for the next read
+PUMP_WAIT = 0.25
 
 
 class UprobeRun:
@@ -212,7 +217,7 @@ class UprobeRun:
                 return stop.why
             if time.monotonic() >= deadline:
                 return "duration"
-            self.pump(0.05)
+            self.pump(PUMP_WAIT)
             if not _alive(self.pid):
                 return "target exited"
             if self.sink.until_hit(until):

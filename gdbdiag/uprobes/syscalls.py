@@ -100,7 +100,7 @@ def _enter_poll(g: Gen, plan: Plan, rids: dict):          # poll(pfd, nfds, time
     g.reserve(POLL_SIZE, rids["P"])
     for i, at in enumerate(payload):
         g.copy(HDR + 8 * i, at)
-    g.submit()
+    g.submit(wake=True)                                   # possibly doomed: now
     a.ja("out")
 
 
@@ -172,7 +172,7 @@ def _exit_poll(g: Gen, rids: dict):
         a.ldx(8, R1, R7, ST_HELD_REC + 8 * i).stx(8, R8, HDR + 8 * i, R1)
     g.submit()
     a.label("held_done")
-    _exit_record(g, rids["p"], 8)
+    _exit_record(g, rids["p"], 8, wake=True)             # a timeout, a stall's end: now
 
 
 def _exit_send(g: Gen, rids: dict):
@@ -192,13 +192,13 @@ def _exit_send(g: Gen, rids: dict):
     _exit_record(g, rids["S"], 8)
 
 
-def _exit_record(g: Gen, rid: int, n: int):
+def _exit_record(g: Gen, rid: int, n: int, wake: bool = False):
     a = g.a
     g.reserve(HDR + 16 + n, rid)
     a.ldx(8, R1, R6, 8).stx(8, R8, HDR, R1)               # args[1]: the return value
     g.copy(HDR + 8, -88)
     g.user(HDR + 16, n, -88, rec=True)
-    g.submit()
+    g.submit(wake)
     a.ja("out")
 
 
