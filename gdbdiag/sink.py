@@ -58,10 +58,10 @@ class EventSink:
         self.feed(ev)
         return ev
 
-    def keep(self, raw: bytes) -> None:
-        """Keep a record for the report as it comes, before it is decoded and fed (a
-        deferred record: :mod:`gdbdiag.uprobes.defer`)."""
-        self.observations.append(raw)
+    def keep(self, raws: list[bytes]) -> None:
+        """Keep records for the report as they come, before they are decoded and fed
+        (deferred records: :mod:`gdbdiag.uprobes.defer`)."""
+        self.observations.extend(raws)
 
     def feed(self, ev: Event, raw: bytes | None = None, kept: bool = False) -> list[Event]:
         """``raw``: the record ``ev`` was decoded from, kept instead of ``ev`` (bytes:

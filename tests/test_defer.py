@@ -111,3 +111,10 @@ def test_a_live_full_run_defers_and_finds_what_every_record_fed_finds(lab_factor
         if t["lwp"] in replayed and t["lwp"] != lab.pid:     # the main thread resolves nothing
             mine = dict(replayed[t["lwp"]], stack=t["stack"])
             assert {k: t[k] for k in mine} == mine
+
+
+def test_a_record_too_short_for_its_header_goes_to_the_decoder(recorded):
+    fed: list[bytes] = []
+    d = defer.Deferral(recorded["kinds"], fed.append)
+    d.add(b"\1\0")
+    assert fed == [b"\1\0"]

@@ -53,7 +53,11 @@ class Deferral:
         self.deferred = 0                            # records never decoded (replaced)
 
     def add(self, rec: bytes) -> None:
-        rid, tid = _HEADER.unpack_from(rec, 0)
+        try:
+            rid, tid = _HEADER.unpack_from(rec, 0)
+        except struct.error:
+            self.feed(rec)           # the decoder says what is wrong with it
+            return
         kept = self.kept.get(tid)
         if kept is None and self.first_seen is not None:
             self.first_seen(tid)

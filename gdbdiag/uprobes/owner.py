@@ -20,6 +20,7 @@ from . import bpf, program
 
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
 RING_BYTES = 1 << 22
+READY_SETTLE_NS = 1_000_000_000
 _STAMP = struct.Struct("<Q")          # a record's CLOCK_MONOTONIC ns, at offset 8
 
 
@@ -117,8 +118,13 @@ class Probes:
     def records(self) -> list[bytes]:
         if self.ring is None:
             return []
+        recs = self.ring.read()
+        if self.ready_ns is None:
+            return recs
         ready, stamp = self.ready_ns, _STAMP.unpack_from
-        return [rec for rec in self.ring.read() if len(rec) >= 16 and stamp(rec, 8)[0] >= ready]
+        if time.monotonic_ns() - ready > READY_SETTLE_NS:
+            self.ready_ns = None        # a record reserved before then is long submitted
+        return [rec for rec in recs if len(rec) >= 16 and stamp(rec, 8)[0] >= ready]
 
     @property
     def lost(self) -> int:

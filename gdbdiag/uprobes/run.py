@@ -193,9 +193,9 @@ class UprobeRun:
                                data={"lost": lost - self.lost, "lost_total": lost}))
             self.lost = lost
         if self.defer is not None:
-            keep, add = self.sink.keep, self.defer.add
+            self.sink.keep(recs)
+            add = self.defer.add
             for rec in recs:
-                keep(rec)
                 add(rec)
             return
         for rec in recs:

@@ -103,8 +103,8 @@ def replay(cap: dict, deferred: bool) -> tuple:
             feed(rec, kept=False)
         return sink.det, sink, None
     d = Deferral(cap["kinds"], feed, dec.thread_name)
+    sink.keep(cap["records"])
     for rec in cap["records"]:
-        sink.keep(rec)
         d.add(rec)
     d.flush_all()
     return sink.det, sink, d
