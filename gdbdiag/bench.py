@@ -171,12 +171,14 @@ def _proc_cpu_s(pid: int) -> float:
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _busy_cpu_s() -> float:
-    """Seconds of non-idle CPU of the whole machine so far (/proc/stat)."""
+def _cpu_times() -> tuple[float, float]:
+    """(busy, stolen) seconds of the whole machine so far (/proc/stat's first line): busy
+    is not idle, not waiting for I/O and not stolen by the hypervisor (a VM's steal is
+    other guests' work)."""
     with open("/proc/stat") as fh:
-        f = [int(x) for x in fh.readline().split()[1:]]
-    idle = f[3] + (f[4] if len(f) > 4 else 0)
-    return (sum(f[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+        f = [int(x) for x in fh.readline().split()[1:]] + [0] * 8
+    idle, steal = f[3] + f[4], f[7]
+    return (sum(f[:8]) - idle - steal) / os.sysconf("SC_CLK_TCK"), steal / os.sysconf("SC_CLK_TCK")
 
 
 def _stats(xs: list[float]) -> dict:
@@ -201,24 +203,31 @@ def bench_latency(release, rounds, secs, log, modes=MODES) -> dict:
         windows = {m: [] for m in modes}
         busy = {m: [] for m in modes}
         target = {m: [] for m in modes}
+        stolen = {m: 0.0 for m in modes}
         for r in range(rounds):
             for m in _order(modes, r):
                 tool = Tool(m, lab.pid)
                 if not m.startswith("unarmed"):
                     tool.start()
-                t0, c0, p0 = time.time(), _busy_cpu_s(), _proc_cpu_s(lab.pid)
+                t0, (c0, s0), p0 = time.time(), _cpu_times(), _proc_cpu_s(lab.pid)
                 time.sleep(secs)
-                t1, c1, p1 = time.time(), _busy_cpu_s(), _proc_cpu_s(lab.pid)
+                t1, (c1, s1), p1 = time.time(), _cpu_times(), _proc_cpu_s(lab.pid)
                 tool.stop()
                 windows[m].append((t0, t1))
                 busy[m].append(c1 - c0)
                 target[m].append(p1 - p0)
+                stolen[m] += s1 - s0
                 log(f"   round {r + 1} {m:8} {secs:.0f} s")
         out = _latency_figures(lab.workload_records(), windows, busy, modes)
         tgt = _latency_figures(lab.workload_records(), windows, target, modes)
+        cpus = os.cpu_count() or 1
         for m in modes:         # the target's own CPU (probe traps are charged to it)
             out[m]["target_cpu_ms_per_lookup"] = tgt[m]["cpu_ms_per_lookup"]
             out[m]["target_cpu_ratio"] = tgt[m]["cpu_ratio"]
+            # the share of the machine's CPU time the hypervisor gave other guests: this
+            # VM's noise, per mode (a mode whose phases were robbed more looks slower)
+            wall = sum(b - a for a, b in windows[m]) * cpus
+            out[m]["steal_pct"] = round(100 * stolen[m] / wall, 1) if wall else None
         return out
     finally:
         container.down(name)
@@ -415,13 +424,14 @@ def render(res: dict) -> str:
                  "–".join(map(str, lat[m]["ratio_iqr"])) if lat[m].get("ratio_iqr") else "",
                  lat[m].get("rate_ratio"),
                  lat[m].get("cpu_ms_per_lookup"), lat[m].get("cpu_ratio"),
-                 lat[m].get("target_cpu_ms_per_lookup"), lat[m].get("target_cpu_ratio")]
+                 lat[m].get("target_cpu_ms_per_lookup"), lat[m].get("target_cpu_ratio"),
+                 lat[m].get("steal_pct")]
                 for m in MODES if m in lat]
         out.append(tabulate(rows, headers=["getaddrinfo loop", "lookups", "lookups/s", "median ms",
                                            "mean ms", "p99 ms", "mean ratio",
                                            "per-round IQR", "1/rate ratio",
                                            "machine CPU ms/lookup", "ratio", "target CPU ms/lookup",
-                                           "ratio"]))
+                                           "ratio", "steal %"]))
     thr = res.get("throughput")
     if thr:
         rows = [[m, v["gets_per_s"], v["ratio"]] for m, v in thr.items()]

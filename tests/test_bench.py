@@ -26,6 +26,7 @@ def test_bench_runs_and_reports_every_figure(tmp_path):
         ratio = res[f"overhead_ratio_{m}"]
         assert ratio is not None and 0.3 < ratio < 100, (m, ratio)
         assert res["latency"][m]["n"] > 0 and res["latency"][m]["rate_ratio"] > 0
+        assert 0 <= res["latency"][m]["steal_pct"] < 100
     assert all(v["gets_per_s"] > 0 for v in res["throughput"].values())
     assert 0 < res["attach_to_armed_warm_s"] < 120 and 0 < res["attach_to_armed_cold_s"] < 600
     for mode in ("uprobe-armed", "uprobe-lean", "passive"):
